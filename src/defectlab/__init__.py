@@ -1,0 +1,6 @@
+"""defectlab: unsupervised visual defect detection experiments (PatchCore and friends)."""
+
+from defectlab.errors import BackboneWeightsError, ConfigError, DataError, DefectlabError
+
+__all__ = ["BackboneWeightsError", "ConfigError", "DataError", "DefectlabError"]
+__version__ = "0.1.0"

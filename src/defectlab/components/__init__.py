@@ -1,0 +1,26 @@
+"""Shared building blocks (pure torch): backbone, embedding, samplers, kNN, anomaly maps."""
+
+from defectlab.components.anomaly_map import AnomalyMapGenerator
+from defectlab.components.backbone import FeatureExtractor, load_backbone_state_dict
+from defectlab.components.embedding import PatchEmbedder
+from defectlab.components.knn import NearestNeighbors
+from defectlab.components.sampler import (
+    CoresetSampler,
+    IdentitySampler,
+    RandomSampler,
+    Sampler,
+    num_samples,
+)
+
+__all__ = [
+    "AnomalyMapGenerator",
+    "CoresetSampler",
+    "FeatureExtractor",
+    "IdentitySampler",
+    "NearestNeighbors",
+    "PatchEmbedder",
+    "RandomSampler",
+    "Sampler",
+    "load_backbone_state_dict",
+    "num_samples",
+]

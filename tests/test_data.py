@@ -1,0 +1,115 @@
+"""MVTec layout parsing, held-out split, batches and loud data errors."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from defectlab.data import AnomalyDataModule, scan_category, split_holdout
+from defectlab.errors import ConfigError, DataError
+
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "root"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_scan_finds_types_labels_and_masks(synthetic_root):
+    index = scan_category(synthetic_root, "brick")
+    assert index.has_masks
+    assert index.defect_types == ["hole", "scratch", "stain"]
+    assert len(index.train) == 24
+    good = [s for s in index.test if s.label == 0]
+    bad = [s for s in index.test if s.label == 1]
+    assert len(good) == 8 and len(bad) == 12
+    assert all(s.mask_path is None for s in good)
+    assert all(s.mask_path.name == f"{s.path.stem}_mask.png" and s.mask_path.is_file() for s in bad)
+    assert all(s.mask_path.parent.name == s.defect_type for s in bad)
+
+
+def test_batches_are_dicts_with_masks(synthetic_root):
+    dm = AnomalyDataModule(str(synthetic_root), "brick", image_size=64, batch_size=40)
+    dm.setup()
+    batch = next(iter(dm.test_dataloader()))
+    assert batch["image"].shape == (20, 3, 64, 64) and batch["image"].dtype == torch.float32
+    assert batch["image"].min() >= 0 and batch["image"].max() <= 1
+    assert batch["mask"].shape == (20, 1, 64, 64)
+    assert set(batch["mask"].unique().tolist()) <= {0, 1}
+    labels = batch["label"].tolist()
+    for label, mask, dtype in zip(labels, batch["mask"], batch["defect_type"], strict=True):
+        assert (label == 1) == (mask.sum() > 0) and (label == 0) == (dtype == "good")
+    train = next(iter(dm.train_dataloader()))
+    assert "mask" not in train and set(train["label"].tolist()) == {0}
+
+
+def test_crop_size_applies_to_images_and_masks(synthetic_root):
+    dm = AnomalyDataModule(str(synthetic_root), "brick", image_size=80, crop_size=64, batch_size=4)
+    dm.setup()
+    batch = next(iter(dm.test_dataloader()))
+    assert batch["image"].shape[-2:] == (64, 64) and batch["mask"].shape[-2:] == (64, 64)
+
+
+def test_holdout_split_is_seeded_disjoint_and_never_touches_test(synthetic_root):
+    index = scan_category(synthetic_root, "brick")
+    fit, val = split_holdout(index.train, 0.25, seed=3)
+    fit2, val2 = split_holdout(index.train, 0.25, seed=3)
+    _, val3 = split_holdout(index.train, 0.25, seed=4)
+    assert (fit, val) == (fit2, val2) and val != val3
+    assert len(val) == 6 and not set(fit) & set(val)
+    assert set(fit) | set(val) == set(index.train)
+    with pytest.raises(ConfigError, match="data.val_ratio"):
+        split_holdout(index.train, 1.0, seed=0)
+
+
+def test_missing_mask_names_the_image(synthetic_root, tmp_path):
+    root = _copy(synthetic_root, tmp_path)
+    (root / "brick/ground_truth/hole/001_mask.png").unlink()
+    with pytest.raises(DataError, match=r"hole/001\.png.*001_mask\.png"):
+        scan_category(root, "brick")
+
+
+def test_empty_and_missing_folders(synthetic_root, tmp_path):
+    root = _copy(synthetic_root, tmp_path)
+    for f in (root / "brick/test/stain").iterdir():
+        f.unlink()
+    with pytest.raises(DataError, match=r"test/stain is empty"):
+        scan_category(root, "brick")
+    shutil.rmtree(root / "grass/train/good")
+    with pytest.raises(DataError, match=r"train/good is missing"):
+        scan_category(root, "grass")
+
+
+def test_unknown_category_lists_the_ones_found(synthetic_root):
+    with pytest.raises(DataError, match=r"data.category=bottle.*\['brick', 'grass'\]"):
+        scan_category(synthetic_root, "bottle")
+
+
+def test_truncated_image_error_names_the_file(synthetic_root, tmp_path):
+    root = _copy(synthetic_root, tmp_path)
+    bad = root / "brick/test/good/003.png"
+    bad.write_bytes(bad.read_bytes()[:200])
+    dm = AnomalyDataModule(str(root), "brick", image_size=64, batch_size=64)
+    dm.setup()
+    with pytest.raises(DataError, match=r"test/good/003\.png: cannot be read"):
+        next(iter(dm.test_dataloader()))
+
+
+def test_mask_of_wrong_size_error_names_the_file(synthetic_root, tmp_path):
+    root = _copy(synthetic_root, tmp_path)
+    mask = root / "brick/ground_truth/scratch/002_mask.png"
+    Image.new("L", (50, 50)).save(mask)
+    dm = AnomalyDataModule(str(root), "brick", image_size=64, batch_size=64)
+    dm.setup()
+    with pytest.raises(DataError, match=r"002_mask\.png: mask size \(50, 50\)"):
+        next(iter(dm.test_dataloader()))
+
+
+def test_category_without_ground_truth_has_no_masks(synthetic_root, tmp_path):
+    root = _copy(synthetic_root, tmp_path)
+    shutil.rmtree(root / "brick/ground_truth")
+    dm = AnomalyDataModule(str(root), "brick", image_size=64, batch_size=64)
+    dm.setup()
+    assert "mask" not in next(iter(dm.test_dataloader()))

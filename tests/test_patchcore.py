@@ -1,0 +1,130 @@
+"""PatchCore pieces: embedding = the paper code's steps, Eq. 7, anomaly maps, checkpoints."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from defectlab.components import (
+    AnomalyMapGenerator,
+    FeatureExtractor,
+    IdentitySampler,
+    NearestNeighbors,
+    PatchEmbedder,
+)
+from defectlab.models import PatchCore
+
+
+def _literal_embedding(features, pretrain_dim, target_dim, p=3):
+    """The reference code's steps: unfold, resize deeper grids, per-layer and final avg pooling."""
+    ref_h, ref_w = features[0].shape[-2:]
+    layers = []
+    for feat in features:
+        b, c, h, w = feat.shape
+        unf = F.unfold(feat, kernel_size=p, padding=p // 2).reshape(b, c * p * p, h, w)
+        if (h, w) != (ref_h, ref_w):
+            unf = F.interpolate(unf, size=(ref_h, ref_w), mode="bilinear", align_corners=False)
+        vec = unf.permute(0, 2, 3, 1).reshape(-1, 1, c * p * p)
+        layers.append(F.adaptive_avg_pool1d(vec, pretrain_dim).squeeze(1))
+    stacked = torch.stack(layers, dim=1).reshape(-1, 1, len(features) * pretrain_dim)
+    return F.adaptive_avg_pool1d(stacked, target_dim).reshape(
+        features[0].shape[0], ref_h, ref_w, target_dim
+    )
+
+
+@pytest.mark.parametrize("dims", [(64, 32), (200, 48)])
+def test_embedder_equals_literal_reference(dims):
+    torch.manual_seed(0)
+    feats = [
+        torch.randn(2, 12, 8, 8, dtype=torch.float64),
+        torch.randn(2, 20, 4, 4, dtype=torch.float64),
+    ]
+    embedder = PatchEmbedder([12, 20], *dims).double()
+    for i in range(2):  # kernels are built in float32; compare in float64 for a tight tolerance
+        getattr(embedder, f"kernel{i}").data = getattr(embedder, f"kernel{i}").double()
+    ours = embedder(feats).permute(0, 2, 3, 1)
+    torch.testing.assert_close(ours, _literal_embedding(feats, *dims), atol=1e-6, rtol=1e-6)
+
+
+class _Identity(torch.nn.Module):
+    """Stand-in extractor whose "features" are the input itself (1 layer, 2 channels)."""
+
+    name, layers, weights, channels = "identity", ["x"], None, [2]
+
+    def forward(self, x):
+        return [x]
+
+
+def _patchcore(k: int, bank: torch.Tensor) -> PatchCore:
+    model = PatchCore(
+        _Identity(),
+        IdentitySampler(),
+        NearestNeighbors("torch"),
+        k=k,
+        pretrain_embed_dim=18,
+        target_embed_dim=2,
+        patch_size=1,
+        blur_sigma=0,
+    )
+    model.memory_bank = bank
+    return model
+
+
+def test_eq7_reweighting_on_hand_made_case():
+    bank = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, -2.0]])
+    model = _patchcore(k=2, bank=bank)
+    patches = torch.tensor([[[0.0, 0.0], [3.0, 4.0]]])  # test patch 1 is the most anomalous
+    dist, nn_idx = model._index().search(patches[0], k=1)
+    score = model.image_score(dist.view(1, 2), nn_idx.view(1, 2), patches)
+    # s* = ||(3,4) - (1,0)|| = sqrt(20); m* = (1,0); N_2(m*) = {(1,0), (0,0)}; ||(3,4)-(0,0)|| = 5
+    s = math.sqrt(20)
+    expected = (1 - math.exp(s) / (math.exp(s) + math.exp(5.0))) * s
+    assert score.item() == pytest.approx(expected, rel=1e-5)
+    model.k = 1
+    assert model.image_score(dist.view(1, 2), nn_idx.view(1, 2), patches).item() == pytest.approx(s)
+
+
+def test_anomaly_map_shape_and_blur():
+    scores = torch.zeros(2, 1, 8, 8)
+    scores[0, 0, 4, 4] = 1.0
+    plain = AnomalyMapGenerator(sigma=0)(scores, (64, 64))
+    blurred = AnomalyMapGenerator(sigma=4)(scores, (64, 64))
+    assert plain.shape == blurred.shape == (2, 1, 64, 64)
+    assert torch.equal(
+        plain, F.interpolate(scores, size=(64, 64), mode="bilinear", align_corners=False)
+    )
+    assert blurred[0].max() < plain[0].max()  # smoothed peak
+    assert blurred[0].sum() == pytest.approx(plain[0].sum().item(), rel=0.02)  # mass kept
+    peak = divmod(int(blurred[0].flatten().argmax()), 64)
+    assert all(abs(c - 35.5) <= 1 for c in peak)  # centre of patch (4, 4) at stride 8
+    assert AnomalyMapGenerator(4).kernel_size == 33  # scipy's truncate=4 radius
+
+
+def test_memory_bank_resizes_on_load_and_scores_match():
+    torch.manual_seed(0)
+    ext = FeatureExtractor("resnet18", ["layer1"], pretrained=False)
+    a = PatchCore(
+        ext,
+        IdentitySampler(),
+        NearestNeighbors("auto"),
+        k=3,
+        target_embed_dim=16,
+        pretrain_embed_dim=16,
+    )
+    images = torch.rand(3, 3, 32, 32)
+    a.fit(a.embed(images).reshape(-1, 16))
+    b = PatchCore(
+        ext,
+        IdentitySampler(),
+        NearestNeighbors("auto"),
+        k=3,
+        target_embed_dim=16,
+        pretrain_embed_dim=16,
+    )
+    b.load_state_dict(a.state_dict())
+    assert b.memory_bank.shape == a.memory_bank.shape == (3 * 64, 16)
+    out_a, out_b = a.predict(images), b.predict(images)
+    assert torch.equal(out_a.score, out_b.score) and torch.equal(
+        out_a.anomaly_map, out_b.anomaly_map
+    )

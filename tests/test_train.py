@@ -1,0 +1,122 @@
+"""End to end: the composed config trains, tests, saves and reloads PatchCore."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from defectlab.runner import run_training
+from defectlab.systems import MemoryBankSystem
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+
+FAST = [
+    "data=synthetic",
+    "data.image_size=96",
+    "data.batch_size=16",
+    "model.target_embed_dim=256",
+    "model.pretrain_embed_dim=256",
+    "logger=none",
+]
+
+
+def test_config_composes_with_every_backbone_and_sampler(make_cfg):
+    for backbone in [
+        "wide_resnet50_2",
+        "resnet18",
+        "resnet50",
+        "efficientnet_b5",
+        "efficientnet_lite0",
+        "efficientnet_lite1",
+        "efficientnet_lite2",
+        "mobilenet_v2",
+    ]:
+        for sampler in ["coreset", "random", "none"]:
+            cfg = make_cfg(f"backbone={backbone}", f"sampler={sampler}", "model.k=1")
+            assert cfg.model.extractor.alias == backbone and cfg.model.k == 1
+
+
+def test_patchcore_end_to_end_on_synthetic(make_cfg, synthetic_root, tmp_path):
+    cfg = make_cfg(*FAST, f"data.root={synthetic_root}", "data.category=brick")
+    results = run_training(cfg)
+    metrics = results["metrics"]
+    assert metrics["image_auroc"] > 0.95
+    assert metrics["pixel_auroc"] > 0.9
+    assert metrics["image_f1"] is not None and results["threshold"]["strategy"] == "percentile"
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["metrics"] == metrics
+    assert {"category", "model", "backbone", "metrics", "timing", "memory"} <= saved.keys()
+    assert (saved["category"], saved["model"], saved["backbone"]) == (
+        "brick",
+        "patchcore",
+        "efficientnet_lite0",
+    )
+    assert saved["timing"]["fit_s"] > 0 and saved["timing"]["test_images_per_s"] > 0
+    assert saved["memory"]["peak_rss_mb"] > 0
+    n_patches = saved["counts"]["train"] * 12 * 12  # 96 px at stride 8
+    assert saved["memory"]["bank_shape"] == [-(-n_patches // 10), 256]  # ceil(10 %)
+
+    # The checkpoint alone (no backbone weights inside) restores identical scores.
+    ckpt = Path(saved["checkpoint"])
+    assert not any(
+        k.startswith("model.extractor.net.")
+        for k in torch.load(ckpt, weights_only=False)["state_dict"]
+    )
+    restored = MemoryBankSystem.load_from_checkpoint(ckpt, model=instantiate(cfg.model))
+    datamodule = instantiate(cfg.data)
+    datamodule.setup()
+    batch = next(iter(datamodule.test_dataloader()))
+    scores = restored.model.predict(batch["image"]).score
+    expected = {
+        p["path"]: p["score"] for p in json.loads((tmp_path / "predictions.json").read_text())
+    }
+    assert scores.tolist() == pytest.approx([expected[p] for p in batch["path"]], rel=1e-6)
+    assert restored.threshold == saved["threshold"]["image"]
+
+
+def test_checkpoint_with_other_backbone_fails_clearly(make_cfg, synthetic_root, tmp_path):
+    cfg = make_cfg(*FAST, f"data.root={synthetic_root}", "data.category=grass", "sampler=random")
+    ckpt = run_training(cfg)["checkpoint"]
+    other = make_cfg(*FAST, "backbone.layers=[blocks.1,blocks.2]")
+    with pytest.raises(Exception, match="checkpoint was made with backbone"):
+        MemoryBankSystem.load_from_checkpoint(ckpt, model=instantiate(other.model))
+
+
+def test_train_cli_with_wandb_offline(synthetic_root, tmp_path):
+    """The real entry point, with the wandb logger running offline (no network, no API key)."""
+    out = tmp_path / "run"
+    overrides = [o for o in FAST if o != "logger=none"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        *overrides,
+        f"data.root={synthetic_root}",
+        "data.category=grass",
+        "logger=wandb",
+        "model.k=1",
+        f"hydra.run.dir={out}",
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "image_auroc" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["metrics"]["image_auroc"] > 0.9
+    assert (out / ".hydra" / "config.yaml").is_file() and (
+        out / "checkpoints" / "model.ckpt"
+    ).is_file()
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_bad_config_value_fails_before_heavy_work(make_cfg):
+    cfg = make_cfg("sampler.ratio=1.5", "data=synthetic")
+    with pytest.raises(Exception, match="sampler.ratio"):
+        instantiate(cfg.model)
