@@ -10,7 +10,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from defectlab.runner import run_training
+from defectlab.errors import ConfigError
+from defectlab.runner import build, run_training
 from defectlab.systems import MemoryBankSystem
 
 from .conftest import ROOT
@@ -117,6 +118,9 @@ def test_train_cli_with_wandb_offline(synthetic_root, tmp_path):
 
 
 def test_bad_config_value_fails_before_heavy_work(make_cfg):
+    """Config errors surface as the project's own error, unwrapped from Hydra's, at build time."""
     cfg = make_cfg("sampler.ratio=1.5", "data=synthetic")
-    with pytest.raises(Exception, match="sampler.ratio"):
-        instantiate(cfg.model)
+    with pytest.raises(ConfigError, match="sampler.ratio must be in"):
+        build(cfg.model)
+    with pytest.raises(ConfigError, match=r"backbone.layers: \['layer9'\]"):
+        build(make_cfg("backbone=resnet18", "backbone.layers=[layer9]").model)

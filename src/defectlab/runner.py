@@ -2,23 +2,41 @@
 
 from __future__ import annotations
 
-import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from defectlab.errors import DefectlabError
 from defectlab.results import format_summary, peak_rss_mb, write_json_atomic
 from defectlab.systems import build_system
 
-log = logging.getLogger(__name__)
+# Intended, not problems: frozen backbones stay in eval mode, memory banks have no optimiser.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+warnings.filterwarnings("ignore", message=r".*configure_optimizers.* returned `None`.*")
 
 
-def _instantiate_all(group: DictConfig | None) -> list:
-    return [instantiate(node) for node in (group or {}).values() if node is not None]
+def build(node: DictConfig, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that lets defectlab's own errors through unwrapped.
+
+    Hydra wraps constructor errors in InstantiationException, whose repr buries our message
+    (which already names the config key and what to do).
+    """
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, DefectlabError):
+            raise err.__cause__ from None
+        raise
+
+
+def _build_all(group: DictConfig | None) -> list:
+    return [build(node) for node in (group or {}).values() if node is not None]
 
 
 def save_checkpoint_atomic(trainer: L.Trainer, path: Path) -> None:
@@ -35,14 +53,12 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = instantiate(cfg.data)
-    system = build_system(
-        instantiate(cfg.model), threshold=OmegaConf.to_container(cfg.eval.threshold)
-    )
-    trainer = instantiate(
+    datamodule = build(cfg.data)
+    system = build_system(build(cfg.model), threshold=OmegaConf.to_container(cfg.eval.threshold))
+    trainer = build(
         cfg.trainer,
-        logger=_instantiate_all(cfg.get("logger")) or False,
-        callbacks=_instantiate_all(cfg.get("callbacks")),
+        logger=_build_all(cfg.get("logger")) or False,
+        callbacks=_build_all(cfg.get("callbacks")),
     )
 
     start = time.perf_counter()

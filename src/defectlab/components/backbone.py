@@ -102,7 +102,7 @@ def load_backbone_state_dict(name: str, weights: str) -> dict[str, torch.Tensor]
 def _offline_error(name: str, arch: str, err: Exception) -> BackboneWeightsError:
     return BackboneWeightsError(
         f"Backbone '{name}' (timm '{arch}') needs ImageNet weights, and none could be loaded "
-        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Provide them either\n"
+        f"({type(err).__name__}). Provide them either\n"
         f"  1. online: run once with network access and timm downloads them into the Hugging Face "
         f"cache (HF_HUB_OFFLINE must be unset), or\n"
         f"  2. offline: backbone.weights=/path/to/{arch}.pth (a timm or torchvision state dict, or "

@@ -31,7 +31,6 @@ class AnomalySystem(L.LightningModule):
         self.threshold_cfg = dict(threshold or {"strategy": "percentile", "percentile": 99.0})
         calibrate_threshold(torch.zeros(1), **self.threshold_cfg)  # validate the config early
         self.register_buffer("image_threshold", torch.tensor(float("nan")))
-        self.strict_loading = False  # frozen backbone weights are absent on purpose; checked below
         self._val_scores: list[torch.Tensor] = []
         self._test: dict[str, list] = defaultdict(list)
         self.test_results: dict[str, Any] | None = None
@@ -111,9 +110,12 @@ class AnomalySystem(L.LightningModule):
                 f"checkpoint was made with backbone {saved} but the config builds {current}: "
                 "use the run's saved config (.hydra/config.yaml) or the matching backbone=/backbone.layers="
             )
-        expected = {k for k in self.state_dict() if not k.startswith(FROZEN_PREFIX)}
-        missing = sorted(expected - set(checkpoint["state_dict"]))
+        state = checkpoint["state_dict"]
+        own = self.state_dict()
+        missing = sorted(k for k in own if k not in state and not k.startswith(FROZEN_PREFIX))
         if missing:
             raise ConfigError(
                 f"checkpoint lacks {missing[:5]}: it was made by another model config"
             )
+        # Frozen weights were left out on save; the config rebuilt the same ones (checked above).
+        state.update({k: v for k, v in own.items() if k.startswith(FROZEN_PREFIX)})
