@@ -104,24 +104,21 @@ def test_anomaly_map_shape_and_blur():
 def test_memory_bank_resizes_on_load_and_scores_match():
     torch.manual_seed(0)
     ext = FeatureExtractor("resnet18", ["layer1"], pretrained=False)
-    a = PatchCore(
-        ext,
-        IdentitySampler(),
-        NearestNeighbors("auto"),
-        k=3,
-        target_embed_dim=16,
-        pretrain_embed_dim=16,
-    )
+
+    def make() -> PatchCore:
+        return PatchCore(
+            ext,
+            IdentitySampler(),
+            NearestNeighbors("auto"),
+            k=3,
+            target_embed_dim=16,
+            pretrain_embed_dim=16,
+        )
+
+    a = make()
     images = torch.rand(3, 3, 32, 32)
     a.fit(a.embed(images).reshape(-1, 16))
-    b = PatchCore(
-        ext,
-        IdentitySampler(),
-        NearestNeighbors("auto"),
-        k=3,
-        target_embed_dim=16,
-        pretrain_embed_dim=16,
-    )
+    b = make()
     b.load_state_dict(a.state_dict())
     assert b.memory_bank.shape == a.memory_bank.shape == (3 * 64, 16)
     out_a, out_b = a.predict(images), b.predict(images)
