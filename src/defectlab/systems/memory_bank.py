@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import torch
+from torch import nn
 
 from defectlab.systems.base import AnomalySystem
 
@@ -15,7 +18,7 @@ class MemoryBankSystem(AnomalySystem):
     Nothing is trained by gradient descent, so automatic optimisation is off (no dummy loss).
     """
 
-    def __init__(self, model, threshold=None) -> None:
+    def __init__(self, model: nn.Module, threshold: Mapping[str, Any] | None = None) -> None:
         super().__init__(model, threshold)
         self.automatic_optimization = False
         self._embeddings: list[torch.Tensor] = []
