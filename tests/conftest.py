@@ -35,13 +35,13 @@ def synthetic_root(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def make_cfg(tmp_path):
-    """Compose the real train config with overrides, outputs redirected to ``tmp_path``."""
+    """Compose a real entry config (``train`` or ``evaluate``) with outputs in ``tmp_path``."""
 
-    def _make(*overrides: str):
+    def _make(*overrides: str, config: str = "train", out: Path | None = None):
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             cfg = compose(
-                "train",
-                overrides=[f"paths.output_dir={tmp_path}", *overrides],
+                config,
+                overrides=[f"paths.output_dir={out or tmp_path}", *overrides],
                 return_hydra_config=True,
             )
         HydraConfig.instance().set_config(cfg)  # resolves ${hydra:runtime.choices.*}

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
+from PIL import Image
 
 from defectlab.errors import ConfigError
 from defectlab.runner import build, run_training
@@ -20,6 +21,7 @@ pytestmark = pytest.mark.e2e
 
 FAST = [
     "data=synthetic",
+    "data.prepare=null",  # use the session fixture's folder as it is (no rewrite)
     "data.image_size=96",
     "data.batch_size=16",
     "model.target_embed_dim=256",
@@ -45,15 +47,30 @@ def test_config_composes_with_every_backbone_and_sampler(make_cfg):
 
 
 def test_patchcore_end_to_end_on_synthetic(make_cfg, synthetic_root, tmp_path):
-    cfg = make_cfg(*FAST, f"data.root={synthetic_root}", "data.category=brick")
+    cfg = make_cfg(
+        *FAST, f"data.root={synthetic_root}", "data.category=brick", "eval.images.max_per_type=2"
+    )
     results = run_training(cfg)
     metrics = results["metrics"]
     assert metrics["image_auroc"] > 0.95
-    assert metrics["pixel_auroc"] > 0.9
-    assert metrics["image_f1"] is not None and results["threshold"]["strategy"] == "percentile"
+    assert metrics["pixel_auroc"] > 0.9 and metrics["pixel_aupro"] > 0.6
+    assert metrics["image_auroc_ci_low"] <= metrics["image_auroc"] <= metrics["image_auroc_ci_high"]
+    for key in ("image_aupr", "image_f1", "image_precision", "image_recall", "pixel_f1"):
+        assert 0 <= metrics[key] <= 1, key
+    assert "image_f1_max" not in metrics and results["oracle"]["image_f1_max"] > 0.9
+    cm = results["confusion_matrix"]
+    assert cm["tp"] + cm["fn"] == results["counts"]["test_defective"]
+    assert sum(cm.values()) == results["counts"]["test"]
+    assert set(results["per_defect_type"]) == {
+        "brick/good",
+        "brick/hole",
+        "brick/scratch",
+        "brick/stain",
+    }
+    assert results["per_defect_type"]["brick/hole"]["n"] == 4
+
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["metrics"] == metrics
-    assert {"category", "model", "backbone", "metrics", "timing", "memory"} <= saved.keys()
     assert (saved["category"], saved["model"], saved["backbone"]) == (
         "brick",
         "patchcore",
@@ -64,22 +81,45 @@ def test_patchcore_end_to_end_on_synthetic(make_cfg, synthetic_root, tmp_path):
     n_patches = saved["counts"]["train"] * 12 * 12  # 96 px at stride 8
     assert saved["memory"]["bank_shape"] == [-(-n_patches // 10), 256]  # ceil(10 %)
 
-    # The checkpoint alone (no backbone weights inside) restores identical scores.
+    # Thresholds and normalisation: held-out statistics, threshold normalised to exactly 1.
+    thr = saved["threshold"]
+    assert thr["strategy"] == "percentile" and thr["normalization"] == "threshold"
+    assert thr["image_threshold_normalized"] == pytest.approx(1.0)
+    predictions = json.loads((tmp_path / "predictions.json").read_text())
+    for p in predictions:
+        assert p["predicted"] == int(p["score"] >= thr["image_threshold"])
+        assert p["predicted"] == int(p["score_normalized"] >= 1 - 1e-9)
+
+    # Visual outputs: 2 panels per test folder, and every per-run plot.
+    for folder in ("good", "hole", "scratch", "stain"):
+        pngs = list((tmp_path / "images" / "brick" / folder).glob("*.png"))
+        assert len(pngs) == 2, folder
+    with Image.open(pngs[0]) as panel:
+        assert panel.size[0] == 4 * 96  # original | heatmap | overlay | segmentation
+    assert saved["images"]["written"] == 8
+    for name in ("roc", "pr", "score_histogram", "confusion", "per_defect_type"):
+        assert Path(saved["plots"][name]).is_file(), name
+
+    # The checkpoint alone (no backbone weights inside) restores identical scores and labels.
     ckpt = Path(saved["checkpoint"])
     assert not any(
         k.startswith("model.extractor.net.")
         for k in torch.load(ckpt, weights_only=False)["state_dict"]
     )
-    restored = MemoryBankSystem.load_from_checkpoint(ckpt, model=instantiate(cfg.model))
+    restored = MemoryBankSystem.load_from_checkpoint(
+        ckpt, model=instantiate(cfg.model), normalization="none"
+    )
+    assert restored.calibration.normalization == "threshold"  # the checkpoint's choice wins
     datamodule = instantiate(cfg.data)
     datamodule.setup()
     batch = next(iter(datamodule.test_dataloader()))
-    scores = restored.model.predict(batch["image"]).score
-    expected = {
-        p["path"]: p["score"] for p in json.loads((tmp_path / "predictions.json").read_text())
-    }
-    assert scores.tolist() == pytest.approx([expected[p] for p in batch["path"]], rel=1e-6)
-    assert restored.threshold == saved["threshold"]["image"]
+    out = restored.predict_step(batch, 0)
+    expected = {p["path"]: p for p in predictions}
+    assert out["score"].tolist() == pytest.approx(
+        [expected[p]["score"] for p in batch["path"]], rel=1e-6
+    )
+    assert out["is_defective"].long().tolist() == [expected[p]["predicted"] for p in batch["path"]]
+    assert out["segmentation"].shape == batch["mask"].shape
 
 
 def test_checkpoint_with_other_backbone_fails_clearly(make_cfg, synthetic_root, tmp_path):
@@ -115,6 +155,15 @@ def test_train_cli_with_wandb_offline(synthetic_root, tmp_path):
     ).is_file()
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert list(runs[0].glob("files/media/images/plots/roc*.png"))  # plots reach the logger
+
+    # evaluate.py on the run folder: a new folder, the same metrics.
+    ev = tmp_path / "ev"
+    cmd = [sys.executable, "evaluate.py", f"run_dir={out}", f"hydra.run.dir={ev}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "max |difference| over all metrics = 0" in proc.stdout
+    assert json.loads((ev / "results.json").read_text())["metrics"] == results["metrics"]
 
 
 def test_bad_config_value_fails_before_heavy_work(make_cfg):

@@ -8,6 +8,7 @@ Layout: ``<root>/<category>/train/good/*``, ``test/<defect_type>/*`` and, when p
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,30 +85,58 @@ def scan_category(root: str | Path, category: str) -> CategoryIndex:
             f"{test_dir} is missing: put test images in test/good and test/<defect_type>"
         )
     gt_dir = base / "ground_truth"
-    has_masks = gt_dir.is_dir()
-    test: list[Sample] = []
-    for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+    test = scan_labelled(test_dir, gt_dir if gt_dir.is_dir() else None)
+    return CategoryIndex(train=train, test=test, has_masks=gt_dir.is_dir())
+
+
+def scan_labelled(folder: Path, gt_dir: Path | None) -> list[Sample]:
+    """Samples of a labelled folder: ``good/`` and ``<defect_type>/`` sub-folders.
+
+    With ``gt_dir``, every defective image needs ``<gt_dir>/<defect_type>/<name>_mask.png``.
+    """
+    samples: list[Sample] = []
+    for type_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if gt_dir is not None and type_dir == gt_dir:
+            continue
         images = _images_in(type_dir)
         if not images:
             raise DataError(f"{type_dir} is empty: add images or remove the folder")
         for path in images:
             if type_dir.name == GOOD:
-                test.append(Sample(path, 0, GOOD))
+                samples.append(Sample(path, 0, GOOD))
                 continue
             mask = None
-            if has_masks:
+            if gt_dir is not None:
                 mask = gt_dir / type_dir.name / f"{path.stem}_mask.png"
                 if not mask.is_file():
                     raise DataError(
                         f"{path}: its mask {mask} is missing. Add it, or remove {gt_dir} to run "
                         "without pixel-level metrics."
                     )
-            test.append(Sample(path, 1, type_dir.name, mask))
-    if not test:
-        raise DataError(
-            f"{test_dir} holds no test images: add test/good and test/<defect_type> folders"
-        )
-    return CategoryIndex(train=train, test=test, has_masks=has_masks)
+            samples.append(Sample(path, 1, type_dir.name, mask))
+    if not samples:
+        raise DataError(f"{folder} holds no images: add good/ and <defect_type>/ folders")
+    return samples
+
+
+def check_no_overlap(val: list[Sample], others: list[Sample], what: str) -> None:
+    """Raise DataError if a validation image is byte-identical to one of ``others``.
+
+    Compares content hashes, not paths: a test image copied into the validation folder would
+    otherwise leak test data into the threshold.
+    """
+    seen = {_digest(s.path): s.path for s in others}
+    for s in val:
+        twin = seen.get(_digest(s.path))
+        if twin is not None:
+            raise DataError(
+                f"data.val_dir: {s.path} is identical to {what} image {twin}. Validation images "
+                "must be neither training nor test images; remove it from the validation folder."
+            )
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()
 
 
 def load_image(path: Path) -> Image.Image:
@@ -219,6 +248,9 @@ class AnomalyDataModule(L.LightningDataModule):
         batch_size: images per batch.
         num_workers: DataLoader worker processes.
         seed: seeds the held-out split.
+        val_dir: optional labelled validation folder (``good/``, ``<defect_type>/`` and optionally
+            ``ground_truth/<defect_type>/<name>_mask.png``) for ``threshold=f1_val``; it must not
+            share images with the category's train or test folders.
         prepare: optional callable ``prepare(root)`` that writes the layout (ELPV, synthetic).
     """
 
@@ -232,6 +264,7 @@ class AnomalyDataModule(L.LightningDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         seed: int = 0,
+        val_dir: str | None = None,
         prepare: Callable[[Path], None] | None = None,
     ) -> None:
         super().__init__()
@@ -242,8 +275,10 @@ class AnomalyDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
+        self.val_dir = None if val_dir is None else Path(val_dir)
         self.prepare = prepare
         self.index: CategoryIndex | None = None
+        self.labelled_val_set: AnomalyDataset | None = None
         check_val_ratio(val_ratio)
 
     def prepare_data(self) -> None:
@@ -259,6 +294,20 @@ class AnomalyDataModule(L.LightningDataModule):
         self.fit_set = AnomalyDataset(fit, self.transform, with_masks=False)
         self.val_set = AnomalyDataset(val, self.transform, with_masks=False)
         self.test_set = AnomalyDataset(self.index.test, self.transform, with_masks=masks)
+        if self.val_dir is not None:
+            self.labelled_val_set = self._labelled_val()
+
+    def _labelled_val(self) -> AnomalyDataset:
+        if not self.val_dir.is_dir():
+            raise DataError(
+                f"data.val_dir={self.val_dir} is not a folder: give a folder with good/ and "
+                "<defect_type>/ sub-folders, or data.val_dir=null"
+            )
+        gt_dir = self.val_dir / "ground_truth"
+        samples = scan_labelled(self.val_dir, gt_dir if gt_dir.is_dir() else None)
+        check_no_overlap(samples, self.index.test, "test")
+        check_no_overlap(samples, self.index.train, "training")
+        return AnomalyDataset(samples, self.transform, with_masks=gt_dir.is_dir())
 
     def _loader(self, dataset: AnomalyDataset) -> DataLoader:
         return DataLoader(
@@ -272,8 +321,11 @@ class AnomalyDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.fit_set)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set)
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """Held-out good slice (index 0), plus the labelled validation folder (index 1) if given."""
+        if self.labelled_val_set is None:
+            return self._loader(self.val_set)
+        return [self._loader(self.val_set), self._loader(self.labelled_val_set)]
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set)

@@ -27,6 +27,39 @@ def write_json_atomic(path: str | Path, payload: Any) -> None:
         raise
 
 
+def read_json(path: str | Path) -> Any:
+    """Load a JSON file."""
+    return json.loads(Path(path).read_text())
+
+
+def _numbers(tree: Any, prefix: str = "") -> dict[str, float | None]:
+    if isinstance(tree, dict):
+        out: dict[str, float | None] = {}
+        for key, value in tree.items():
+            out |= _numbers(value, f"{prefix}{key}/")
+        return out
+    return {prefix.rstrip("/"): tree}
+
+
+COMPARED = ("metrics", "confusion_matrix", "oracle", "per_defect_type")
+
+
+def compare_metrics(old: dict, new: dict) -> float:
+    """Largest absolute difference between two results' metrics (inf if their keys or nulls differ)."""
+    a = _numbers({k: old.get(k) for k in COMPARED})
+    b = _numbers({k: new.get(k) for k in COMPARED})
+    if a.keys() != b.keys():
+        return float("inf")
+    worst = 0.0
+    for key, x in a.items():
+        y = b[key]
+        if (x is None) != (y is None):
+            return float("inf")
+        if x is not None:
+            worst = max(worst, abs(float(x) - float(y)))
+    return worst
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -38,11 +71,41 @@ def format_summary(results: dict) -> str:
     lines = [
         f"defectlab | {results['model']} | {results['backbone']} | {results['data']}/{results['category']}"
     ]
-    for key, value in results["metrics"].items():
-        lines.append(f"  {key:<18} {'n/a' if value is None else f'{value:.4f}'}")
-    t, m = results["timing"], results["memory"]
+    metrics = dict(results["metrics"])
+    lo, hi = metrics.pop("image_auroc_ci_low", None), metrics.pop("image_auroc_ci_high", None)
+    for key, value in metrics.items():
+        text = _fmt(value)
+        if key == "image_auroc" and lo is not None:
+            level = (results.get("eval") or {}).get("bootstrap", {}).get("confidence", 0.95)
+            text += f"  ({level:.0%} bootstrap CI {lo:.4f}-{hi:.4f})"
+        lines.append(f"  {key:<18} {text}")
+    cm = results.get("confusion_matrix") or {}
+    if cm.get("tp") is not None:
+        lines.append(
+            f"  confusion          TN {cm['tn']} FP {cm['fp']} FN {cm['fn']} TP {cm['tp']}"
+        )
+    oracle = results.get("oracle") or {}
     lines.append(
-        f"  fit {t['fit_s']:.1f}s | test {t['test_s']:.1f}s ({t['test_images_per_s']:.1f} img/s) | "
+        f"  image_f1_max       {_fmt(oracle.get('image_f1_max'))}  (oracle: threshold chosen on test labels)"
+    )
+    per_type = {
+        k: v for k, v in (results.get("per_defect_type") or {}).items() if "image_auroc" in v
+    }
+    if per_type:
+        lines.append("  per defect type:   n  image_auroc  recall  pixel_aupro")
+        for name, row in per_type.items():
+            lines.append(
+                f"    {name:<24} {row['n']:>3}  {_fmt(row['image_auroc'])}  "
+                f"{_fmt(row['image_recall'])}  {_fmt(row.get('pixel_aupro'))}"
+            )
+    t, m = results["timing"], results["memory"]
+    fit = f"fit {t['fit_s']:.1f}s | " if t.get("fit_s") is not None else ""
+    lines.append(
+        f"  {fit}test {t['test_s']:.1f}s ({t['test_images_per_s']:.1f} img/s) | "
         f"peak RSS {m['peak_rss_mb']:.0f} MB | bank {m['bank_mb']:.1f} MB"
     )
     return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

@@ -1,24 +1,38 @@
-"""The training job behind ``train.py``: compose, fit, calibrate, test, write results."""
+"""The jobs behind ``train.py`` and ``evaluate.py``: build, fit, calibrate, test, report."""
 
 from __future__ import annotations
 
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from defectlab.errors import DefectlabError
-from defectlab.results import format_summary, peak_rss_mb, write_json_atomic
-from defectlab.systems import build_system
+from defectlab.callbacks import AnomalyImageWriter
+from defectlab.errors import ConfigError, DefectlabError
+from defectlab.results import (
+    compare_metrics,
+    format_summary,
+    peak_rss_mb,
+    read_json,
+    write_json_atomic,
+)
+from defectlab.systems import AnomalySystem, build_system
+from defectlab.visualize import save_run_plots
 
 # Intended, not problems: frozen backbones stay in eval mode, memory banks have no optimiser.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 warnings.filterwarnings("ignore", message=r".*configure_optimizers.* returned `None`.*")
+
+CHECKPOINT = Path("checkpoints") / "model.ckpt"
+# Keys of the composed config whose values come from Hydra's runtime and are frozen on save.
+_RUNTIME_KEYS = ("model_name", "backbone_name", "data_name")
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:
@@ -47,43 +61,85 @@ def save_checkpoint_atomic(trainer: L.Trainer, path: Path) -> None:
     tmp.replace(path)
 
 
-def run_training(cfg: DictConfig) -> dict[str, Any]:
-    """Fit ``cfg.model`` on ``cfg.data``, test it and write ``results.json`` into the output dir."""
-    out_dir = Path(cfg.paths.output_dir)
+def config_snapshot(cfg: DictConfig) -> dict:
+    """The run's config, portable: Hydra runtime values frozen, data_dir made absolute.
+
+    Interpolations such as ``${paths.output_dir}`` stay, so evaluate.py can point outputs at its
+    own folder and never write into (or over) the training run.
+    """
+    snapshot = OmegaConf.to_container(cfg, resolve=False)
+    snapshot.pop("hydra", None)
+    for key in _RUNTIME_KEYS:
+        snapshot[key] = cfg[key]
+    snapshot["paths"]["data_dir"] = str(Path(cfg.paths.data_dir).resolve())
+    snapshot["paths"]["output_dir"] = None
+    return snapshot
+
+
+@dataclass
+class Job:
+    """Everything one run needs, built from a composed config."""
+
+    cfg: DictConfig
+    out_dir: Path
+    datamodule: L.LightningDataModule
+    system: AnomalySystem
+    trainer: L.Trainer
+    image_writer: AnomalyImageWriter
+
+
+def build_job(cfg: DictConfig, out_dir: Path) -> Job:
+    """Instantiate data, model, system, trainer and the image writer (fails on bad config)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
-
+    if cfg.threshold.strategy == "f1_val" and not cfg.data.get("val_dir"):
+        raise ConfigError(
+            "threshold=f1_val needs a labelled validation folder: data.val_dir=<folder with good/ "
+            "and <defect_type>/ sub-folders>"
+        )
     datamodule = build(cfg.data)
-    system = build_system(build(cfg.model), threshold=OmegaConf.to_container(cfg.eval.threshold))
+    system = build_system(
+        build(cfg.model),
+        threshold=OmegaConf.to_container(cfg.threshold, resolve=True),
+        normalization=cfg.eval.normalization,
+        evaluation={
+            "max_fpr": cfg.eval.max_fpr,
+            "bootstrap": OmegaConf.to_container(cfg.eval.bootstrap, resolve=True),
+        },
+    )
+    image_writer = AnomalyImageWriter(
+        out_dir / "images", cfg.data.category, cfg.eval.images.max_per_type
+    )
     trainer = build(
         cfg.trainer,
         logger=_build_all(cfg.get("logger")) or False,
-        callbacks=_build_all(cfg.get("callbacks")),
+        callbacks=[*_build_all(cfg.get("callbacks")), image_writer],
     )
+    return Job(cfg, out_dir, datamodule, system, trainer, image_writer)
 
-    start = time.perf_counter()
-    trainer.fit(system, datamodule=datamodule)
-    fit_s = time.perf_counter() - start
 
-    ckpt = out_dir / "checkpoints" / "model.ckpt"
-    save_checkpoint_atomic(trainer, ckpt)
+def test_and_report(job: Job, ckpt: Path, extra: dict[str, Any]) -> dict[str, Any]:
+    """Test the saved checkpoint, then write results.json, predictions.json, plots and images."""
     start = time.perf_counter()
     # Test what was saved: the checkpoint alone must reproduce these numbers.
-    trainer.test(system, datamodule=datamodule, ckpt_path=str(ckpt))
+    job.trainer.test(job.system, datamodule=job.datamodule, ckpt_path=str(ckpt))
     test_s = time.perf_counter() - start
-
-    n_test = len(datamodule.test_set)
+    cfg, system, tested = job.cfg, job.system, job.system.test_results
+    category = cfg.data.category
+    n_test = len(job.datamodule.test_set)
     bank = getattr(system.model, "memory_bank", None)
     results = {
-        "category": cfg.data.category,
+        "category": category,
         "data": cfg.data_name,
         "model": cfg.model_name,
         "backbone": cfg.backbone_name,
-        "metrics": system.test_results["metrics"],
-        "threshold": system.test_results["threshold"],
+        "metrics": tested["metrics"],
+        "confusion_matrix": tested["confusion_matrix"],
+        "oracle": tested["oracle"],
+        "per_defect_type": {f"{category}/{k}": v for k, v in tested["per_defect_type"].items()},
+        "threshold": tested["threshold"],
         "timing": {
-            "fit_s": fit_s,
-            "sample_s": getattr(system, "sample_s", None),
+            **extra.pop("timing", {}),
             "test_s": test_s,
             "test_images_per_s": n_test / test_s,
         },
@@ -93,16 +149,100 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
             "bank_shape": None if bank is None else list(bank.shape),
         },
         "counts": {
-            "train": len(datamodule.fit_set),
-            "holdout": len(datamodule.val_set),
             "test": n_test,
-            "test_defective": sum(s.label for s in datamodule.index.test),
+            "test_defective": sum(s.label for s in job.datamodule.index.test),
+            **extra.pop("counts", {}),
         },
         "checkpoint": str(ckpt.resolve()),
         "seed": cfg.seed,
+        "eval": OmegaConf.to_container(cfg.eval, resolve=True),
+        "images": {"folder": str(job.image_writer.folder), "written": job.image_writer.count},
+        **extra,
     }
-    write_json_atomic(out_dir / "results.json", results)
-    write_json_atomic(out_dir / "predictions.json", system.test_results["predictions"])
+    if cfg.eval.plots:
+        plots = save_run_plots(system.test_outputs, tested, job.out_dir / "plots")
+        results["plots"] = {k: str(v) for k, v in plots.items()}
+        for logger in job.trainer.loggers:
+            if hasattr(logger, "log_image"):  # e.g. wandb; CSV has no image support
+                for name, path in plots.items():
+                    logger.log_image(key=f"plots/{name}", images=[str(path)])
+    write_json_atomic(job.out_dir / "results.json", results)
+    write_json_atomic(job.out_dir / "predictions.json", tested["predictions"])
+    return results
+
+
+def run_training(cfg: DictConfig) -> dict[str, Any]:
+    """Fit ``cfg.model`` on ``cfg.data``, test the checkpoint and write the run folder."""
+    job = build_job(cfg, Path(cfg.paths.output_dir))
+    job.system.run_config = config_snapshot(cfg)
+
+    start = time.perf_counter()
+    job.trainer.fit(job.system, datamodule=job.datamodule)
+    fit_s = time.perf_counter() - start
+
+    ckpt = job.out_dir / CHECKPOINT
+    save_checkpoint_atomic(job.trainer, ckpt)
+    results = test_and_report(
+        job,
+        ckpt,
+        {
+            "timing": {"fit_s": fit_s, "sample_s": getattr(job.system, "sample_s", None)},
+            "counts": {
+                "train": len(job.datamodule.fit_set),
+                "holdout": len(job.datamodule.val_set),
+            },
+        },
+    )
+    print(format_summary(results))
+    print(f"results: {job.out_dir / 'results.json'}")
+    return results
+
+
+def _locate(run_dir: str | None, ckpt_path: str | None) -> tuple[Path, Path | None]:
+    if (run_dir is None) == (ckpt_path is None):
+        raise ConfigError(
+            "give exactly one of run_dir=<train run folder> or ckpt_path=<model.ckpt>"
+        )
+    if run_dir is not None:
+        ckpt = Path(run_dir) / CHECKPOINT
+        reference = Path(run_dir) / "results.json"
+    else:
+        ckpt = Path(ckpt_path)
+        reference = ckpt.parent.parent / "results.json"
+    if not ckpt.is_file():
+        raise ConfigError(
+            f"no checkpoint at {ckpt}: point run_dir= at a folder written by train.py"
+        )
+    return ckpt, reference if reference.is_file() else None
+
+
+def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
+    """Rebuild a trained model from its checkpoint, re-test it and write a new results folder.
+
+    ``cfg.data.*`` values that are not null override the run's data config, to score another
+    root or category with the same model. Nothing in the training run folder is modified.
+    """
+    ckpt, reference = _locate(cfg.run_dir, cfg.ckpt_path)
+    snapshot = torch.load(ckpt, map_location="cpu", weights_only=False).get("defectlab_config")
+    if snapshot is None:
+        raise ConfigError(f"{ckpt} holds no defectlab_config: it was not written by train.py")
+    run_cfg = OmegaConf.create(snapshot)
+    out_dir = Path(cfg.paths.output_dir)
+    run_cfg.paths.output_dir = str(out_dir)
+    overrides = {k: v for k, v in cfg.data.items() if v is not None}
+    if "root" in overrides:
+        run_cfg.data.prepare = None  # another root is the user's own MVTec-layout folder
+    for key, value in overrides.items():
+        run_cfg.data[key] = value
+    same_data = not ({"root", "category"} & overrides.keys())
+
+    job = build_job(run_cfg, out_dir)
+    results = test_and_report(job, ckpt, {"evaluated_from": str(ckpt.resolve())})
+    if reference is not None and same_data:
+        diff = compare_metrics(read_json(reference), results)
+        results["reproduces"] = {"results": str(reference.resolve()), "max_abs_diff": diff}
+        write_json_atomic(out_dir / "results.json", results)
+        print(f"matches {reference}: max |difference| over all metrics = {diff:.3g}")
     print(format_summary(results))
     print(f"results: {out_dir / 'results.json'}")
     return results

@@ -2,6 +2,7 @@
 
 from defectlab.components.anomaly_map import AnomalyMapGenerator
 from defectlab.components.backbone import FeatureExtractor, load_backbone_state_dict
+from defectlab.components.calibration import Calibration
 from defectlab.components.embedding import PatchEmbedder
 from defectlab.components.knn import NearestNeighbors
 from defectlab.components.sampler import (
@@ -14,6 +15,7 @@ from defectlab.components.sampler import (
 
 __all__ = [
     "AnomalyMapGenerator",
+    "Calibration",
     "CoresetSampler",
     "FeatureExtractor",
     "IdentitySampler",

@@ -1,90 +1,183 @@
-"""Shared Lightning behaviour: held-out calibration, test metrics, lean checkpoints."""
+"""Shared Lightning behaviour: held-out calibration, test metrics, deployable predictions, lean checkpoints."""
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from collections.abc import Mapping
+from dataclasses import asdict
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
 
+from defectlab.components.calibration import Calibration
 from defectlab.errors import ConfigError
-from defectlab.metrics import calibrate_threshold, image_metrics, pixel_metrics
+from defectlab.metrics import ThresholdSpec, image_threshold, pixel_threshold, summarize
 
 # Frozen pretrained weights are rebuilt from the backbone config, so checkpoints skip them.
 FROZEN_PREFIX = "model.extractor.net."
+HELDOUT, LABELLED = 0, 1  # validation dataloader indices (see AnomalyDataModule.val_dataloader)
 
 
 class AnomalySystem(L.LightningModule):
-    """Base of every system: calibrates on the held-out good slice, scores the test set.
+    """Base of every system: calibrates on held-out data, scores the test set, predicts labels.
 
     Args:
         model: a pure torch model with ``predict(images) -> AnomalyOutput``.
-        threshold: ``eval.threshold`` config (strategy, percentile, n_sigma, value).
+        threshold: the ``threshold`` config (strategy, percentile, n_sigma, value, pixel_value).
+        normalization: ``eval.normalization`` (``none``, ``minmax``, ``threshold``).
+        evaluation: ``max_fpr`` (AUPRO limit) and ``bootstrap`` (``n_resamples``, ``confidence``,
+            ``seed``) from ``eval``.
     """
 
-    def __init__(self, model: nn.Module, threshold: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        threshold: Mapping[str, Any] | None = None,
+        normalization: str = "threshold",
+        evaluation: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
-        self.threshold_cfg = dict(threshold or {"strategy": "percentile", "percentile": 99.0})
-        calibrate_threshold(torch.zeros(1), **self.threshold_cfg)  # validate the config early
-        self.register_buffer("image_threshold", torch.tensor(float("nan")))
-        self._val_scores: list[torch.Tensor] = []
+        self.threshold_spec = ThresholdSpec(**(threshold or {}))
+        self.calibration = Calibration(normalization)
+        self.evaluation = dict(evaluation or {})
+        self.run_config: dict | None = None  # saved into checkpoints; evaluate.py rebuilds from it
+        self._val: dict[int, dict[str, list]] = {}
         self._test: dict[str, list] = defaultdict(list)
         self.test_results: dict[str, Any] | None = None
+        self.test_outputs: dict[str, Any] | None = None
 
-    @property
-    def threshold(self) -> float | None:
-        value = float(self.image_threshold)
-        return None if value != value else value  # NaN = not calibrated
-
-    # -- calibration on held-out good images ------------------------------------------------
+    # -- calibration on held-out data (never the test set) ---------------------------------
     def on_validation_epoch_start(self) -> None:
-        self._val_scores = []
+        self._val = {}
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._val_scores.append(self.model.predict(batch["image"]).score.detach().cpu())
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = HELDOUT) -> None:
+        out = self.model.predict(batch["image"])
+        store = self._val.setdefault(dataloader_idx, defaultdict(list))
+        amap = out.anomaly_map.detach().float().cpu()
+        store["score"].append(out.score.detach().cpu())
+        store["map_max"].append(amap.flatten(1).amax(1))
+        store["map_min"].append(amap.flatten(1).amin(1))
+        if dataloader_idx == LABELLED:
+            store["label"].append(batch["label"].cpu())
+            if "mask" in batch:
+                store["map"].append(amap)
+                store["mask"].append(batch["mask"].cpu())
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_scores:
+        if HELDOUT not in self._val:
             return
-        scores = torch.cat(self._val_scores)
-        self.image_threshold.fill_(calibrate_threshold(scores, **self.threshold_cfg))
+        good = {k: torch.cat(v) for k, v in self._val[HELDOUT].items()}
+        val = {k: torch.cat(v) for k, v in self._val.get(LABELLED, {}).items()}
+        spec = self.threshold_spec
+        img_thr = image_threshold(spec, good["score"], val.get("score"), val.get("label"))
+        pix_thr = pixel_threshold(spec, good["map_max"], val.get("map"), val.get("mask"))
+        self.calibration.fit(
+            img_thr,
+            pix_thr,
+            good["score"],
+            float(good["map_min"].min()),
+            float(good["map_max"].max()),
+        )
         self.log_dict(
-            {"val/score_mean": float(scores.mean()), "val/image_threshold": self.threshold}
+            {
+                "val/score_mean": float(good["score"].float().mean()),
+                "val/image_threshold": img_thr,
+                "val/pixel_threshold": pix_thr,
+            }
         )
 
     # -- test ------------------------------------------------------------------------------
     def on_test_epoch_start(self) -> None:
         self._test = defaultdict(list)
+        if not self.calibration.fitted:
+            warnings.warn(
+                "model has no calibrated threshold (no held-out images): thresholded metrics "
+                "are reported as null",
+                stacklevel=2,
+            )
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
+    def test_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         out = self.model.predict(batch["image"])
         self._test["score"].append(out.score.detach().cpu())
         self._test["label"].append(batch["label"].cpu())
         self._test["defect_type"].extend(batch["defect_type"])
         self._test["path"].extend(batch["path"])
         if "mask" in batch:
-            self._test["map"].append(out.anomaly_map.detach().cpu())
+            self._test["map"].append(out.anomaly_map.detach().float().cpu())
             self._test["mask"].append(batch["mask"].cpu())
+        return {"score": out.score, "anomaly_map": out.anomaly_map}
 
     def on_test_epoch_end(self) -> None:
         scores, labels = torch.cat(self._test["score"]), torch.cat(self._test["label"])
-        metrics = image_metrics(scores, labels, self.threshold)
-        if self._test["mask"]:
-            metrics |= pixel_metrics(torch.cat(self._test["map"]), torch.cat(self._test["mask"]))
-        self.log_dict({f"test/{k}": v for k, v in metrics.items() if v is not None})
+        maps = torch.cat(self._test["map"]) if self._test["map"] else None
+        masks = torch.cat(self._test["mask"]) if self._test["mask"] else None
+        fitted = self.calibration.fitted
+        summary = summarize(
+            scores,
+            labels,
+            self._test["defect_type"],
+            image_threshold=float(self.calibration.image_threshold) if fitted else None,
+            maps=maps,
+            masks=masks,
+            pixel_threshold=float(self.calibration.pixel_threshold) if fitted else None,
+            max_fpr=self.evaluation.get("max_fpr", 0.3),
+            bootstrap=self.evaluation.get("bootstrap"),
+        )
+        logged = {f"test/{k}": v for k, v in summary["metrics"].items()}
+        for defect_type, row in summary["per_defect_type"].items():
+            logged |= {f"test/{defect_type}/{k}": v for k, v in row.items()}
+        self.log_dict({k: float(v) for k, v in logged.items() if v is not None})
+
+        normalized = self.calibration.normalize_score(scores)
+        predicted = self.calibration.is_defective(scores) if fitted else [None] * len(scores)
         self.test_results = {
-            "metrics": metrics,
-            "threshold": {"image": self.threshold, **self.threshold_cfg},
+            **summary,
+            "threshold": {**asdict(self.threshold_spec), **self.calibration.as_dict()},
             "predictions": [
-                {"path": p, "defect_type": d, "label": int(y), "score": float(s)}
-                for p, d, y, s in zip(
-                    self._test["path"], self._test["defect_type"], labels, scores, strict=True
+                {
+                    "path": p,
+                    "defect_type": d,
+                    "label": int(y),
+                    "score": float(s),
+                    "score_normalized": float(n),
+                    "predicted": None if yhat is None else int(yhat),
+                }
+                for p, d, y, s, n, yhat in zip(
+                    self._test["path"],
+                    self._test["defect_type"],
+                    labels,
+                    scores,
+                    normalized,
+                    predicted,
+                    strict=True,
                 )
             ],
+        }
+        self.test_outputs = {
+            "scores": scores,
+            "labels": labels,
+            "defect_types": list(self._test["defect_type"]),
+            "maps": maps,
+            "masks": masks,
+        }
+
+    # -- deployment ------------------------------------------------------------------------
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Any]:
+        """Decisions a line would act on: normalised score, label, normalised map, binary mask."""
+        if not self.calibration.fitted:
+            raise ConfigError("model is not calibrated: train it with data.val_ratio > 0 first")
+        out = self.model.predict(batch["image"])
+        return {
+            "path": batch.get("path"),
+            "score": out.score,
+            "score_normalized": self.calibration.normalize_score(out.score),
+            "is_defective": self.calibration.is_defective(out.score),
+            "anomaly_map": self.calibration.normalize_map(out.anomaly_map),
+            "segmentation": self.calibration.segment(out.anomaly_map),
         }
 
     def configure_optimizers(self) -> None:
@@ -102,6 +195,7 @@ class AnomalySystem(L.LightningModule):
         for key in [k for k in state if k.startswith(FROZEN_PREFIX)]:
             del state[key]
         checkpoint["defectlab_backbone"] = self._backbone_id()
+        checkpoint["defectlab_config"] = self.run_config
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved, current = checkpoint.get("defectlab_backbone"), self._backbone_id()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -18,8 +17,8 @@ class MemoryBankSystem(AnomalySystem):
     Nothing is trained by gradient descent, so automatic optimisation is off (no dummy loss).
     """
 
-    def __init__(self, model: nn.Module, threshold: Mapping[str, Any] | None = None) -> None:
-        super().__init__(model, threshold)
+    def __init__(self, model: nn.Module, **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
         self.automatic_optimization = False
         self._embeddings: list[torch.Tensor] = []
         self.sample_s: float | None = None
