@@ -122,7 +122,8 @@ def test_and_report(job: Job, ckpt: Path, extra: dict[str, Any]) -> dict[str, An
     """Test the saved checkpoint, then write results.json, predictions.json, plots and images."""
     start = time.perf_counter()
     # Test what was saved: the checkpoint alone must reproduce these numbers.
-    job.trainer.test(job.system, datamodule=job.datamodule, ckpt_path=str(ckpt))
+    # verbose=False: Lightning's table would list every per-type key; format_summary prints ours.
+    job.trainer.test(job.system, datamodule=job.datamodule, ckpt_path=str(ckpt), verbose=False)
     test_s = time.perf_counter() - start
     cfg, system, tested = job.cfg, job.system, job.system.test_results
     category = cfg.data.category

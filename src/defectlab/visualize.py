@@ -132,7 +132,8 @@ def plot_confusion(confusion: Mapping[str, int | None], path: Path) -> Path:
     fig, ax = _axes(3.6, 3.2)
     ax.imshow(cm, cmap="Blues")
     for (r, c), value in np.ndenumerate(cm):
-        ax.text(c, r, str(value), ha="center", va="center", color="black", fontsize=12)
+        dark = value > cm.max() / 2
+        ax.text(c, r, str(value), ha="center", va="center", color="white" if dark else "black")
     ax.set(
         xticks=[0, 1],
         yticks=[0, 1],
@@ -153,14 +154,14 @@ def plot_per_type(per_type: Mapping[str, Mapping[str, Any]], path: Path) -> Path
         for k in ("image_auroc", "image_recall", "pixel_aupro")
         if any(per_type[t].get(k) is not None for t in types)
     ]
-    fig, ax = _axes(max(4.0, 1.1 * len(types) + 2), 3.6)
+    fig, ax = _axes(max(4.0, 1.1 * len(types) + 2), 3.9)
     width = 0.8 / max(1, len(keys))
     for i, key in enumerate(keys):
         values = [per_type[t].get(key) or 0.0 for t in types]
         ax.bar(np.arange(len(types)) + i * width, values, width, label=key)
-    ax.set_xticks(np.arange(len(types)) + width * (len(keys) - 1) / 2, types, rotation=20)
+    ax.set_xticks(np.arange(len(types)) + width * (len(keys) - 1) / 2, types)
     ax.set(ylim=(0, 1.05), ylabel="value", title="per defect type")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(keys))
     return _save(fig, path)
 
 
