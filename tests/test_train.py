@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from PIL import Image
 
 from defectlab.errors import ConfigError
-from defectlab.runner import build, run_training
+from defectlab.metrics import ThresholdSpec
+from defectlab.runner import build, build_job, run_training
 from defectlab.systems import MemoryBankSystem
 
 from .conftest import ROOT
@@ -166,10 +168,27 @@ def test_train_cli_with_wandb_offline(synthetic_root, tmp_path):
     assert json.loads((ev / "results.json").read_text())["metrics"] == results["metrics"]
 
 
-def test_bad_config_value_fails_before_heavy_work(make_cfg):
+def test_bad_config_value_fails_before_heavy_work(make_cfg, tmp_path):
     """Config errors surface as the project's own error, unwrapped from Hydra's, at build time."""
     cfg = make_cfg("sampler.ratio=1.5", "data=synthetic")
     with pytest.raises(ConfigError, match="sampler.ratio must be in"):
         build(cfg.model)
     with pytest.raises(ConfigError, match=r"backbone.layers: \['layer9'\]"):
         build(make_cfg("backbone=resnet18", "backbone.layers=[layer9]").model)
+    for override, key in [
+        ("eval.normalization=zscore", "eval.normalization=zscore"),
+        ("eval.max_fpr=0", "eval.max_fpr"),
+        ("eval.bootstrap.confidence=95", "eval.bootstrap.confidence"),
+        ("eval.images.max_per_type=-1", "eval.images.max_per_type"),
+        ("threshold.percentile=101", "threshold.percentile"),
+    ]:
+        with pytest.raises(ConfigError, match=key):
+            build_job(make_cfg("data=synthetic", override), tmp_path)
+
+
+def test_every_threshold_strategy_composes(make_cfg):
+    for name, extra in [("percentile", []), ("sigma", []), ("fixed", ["threshold.value=2.5"])]:
+        cfg = make_cfg(f"threshold={name}", *extra)
+        assert ThresholdSpec(**OmegaConf.to_container(cfg.threshold)).strategy == name
+    cfg = make_cfg("threshold=f1_val", "data.val_dir=/some/folder")
+    assert cfg.threshold.strategy == "f1_val" and cfg.data.val_dir == "/some/folder"

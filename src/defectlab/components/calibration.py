@@ -80,11 +80,12 @@ class Calibration(nn.Module):
 
     def is_defective(self, score: torch.Tensor) -> torch.Tensor:
         """Image decisions ``(B,)`` bool, taken on raw scores (no rounding through normalisation)."""
-        return score.double() >= self.image_threshold
+        # Python floats, so maps and scores may sit on any device.
+        return score.double() >= float(self.image_threshold)
 
     def segment(self, anomaly_map: torch.Tensor) -> torch.Tensor:
         """Binary defect masks ``(B, 1, H, W)`` bool at the pixel threshold."""
-        return anomaly_map.double() >= self.pixel_threshold
+        return anomaly_map.double() >= float(self.pixel_threshold)
 
     def as_dict(self) -> dict[str, float | str | None]:
         """Thresholds, statistics and their normalised values, for results.json."""

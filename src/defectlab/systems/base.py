@@ -21,6 +21,23 @@ FROZEN_PREFIX = "model.extractor.net."
 HELDOUT, LABELLED = 0, 1  # validation dataloader indices (see AnomalyDataModule.val_dataloader)
 
 
+def _check_evaluation(evaluation: Mapping[str, Any]) -> dict[str, Any]:
+    """Fail at build time, not after fitting, on bad ``eval.*`` values."""
+    max_fpr = evaluation.get("max_fpr", 0.3)
+    if not 0 < max_fpr <= 1:
+        raise ConfigError(f"eval.max_fpr must be in (0, 1], got {max_fpr}")
+    bootstrap = evaluation.get("bootstrap") or {}
+    if bootstrap.get("n_resamples", 0) < 0:
+        raise ConfigError(
+            f"eval.bootstrap.n_resamples must be >= 0, got {bootstrap['n_resamples']}"
+        )
+    if not 0 < bootstrap.get("confidence", 0.95) < 1:
+        raise ConfigError(
+            f"eval.bootstrap.confidence must be in (0, 1), got {bootstrap['confidence']}"
+        )
+    return dict(evaluation)
+
+
 class AnomalySystem(L.LightningModule):
     """Base of every system: calibrates on held-out data, scores the test set, predicts labels.
 
@@ -43,7 +60,7 @@ class AnomalySystem(L.LightningModule):
         self.model = model
         self.threshold_spec = ThresholdSpec(**(threshold or {}))
         self.calibration = Calibration(normalization)
-        self.evaluation = dict(evaluation or {})
+        self.evaluation = _check_evaluation(evaluation or {})
         self.run_config: dict | None = None  # saved into checkpoints; evaluate.py rebuilds from it
         self._val: dict[int, dict[str, list]] = {}
         self._test: dict[str, list] = defaultdict(list)
