@@ -181,6 +181,7 @@ def test_bad_config_value_fails_before_heavy_work(make_cfg, tmp_path):
         ("eval.bootstrap.confidence=95", "eval.bootstrap.confidence"),
         ("eval.images.max_per_type=-1", "eval.images.max_per_type"),
         ("threshold.percentile=101", "threshold.percentile"),
+        ("threshold=fixed", "threshold.value must be set"),
     ]:
         with pytest.raises(ConfigError, match=key):
             build_job(make_cfg("data=synthetic", override), tmp_path)

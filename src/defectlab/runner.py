@@ -13,6 +13,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from defectlab.callbacks import AnomalyImageWriter
 from defectlab.errors import ConfigError, DefectlabError
@@ -97,10 +98,16 @@ def build_job(cfg: DictConfig, out_dir: Path) -> Job:
             "threshold=f1_val needs a labelled validation folder: data.val_dir=<folder with good/ "
             "and <defect_type>/ sub-folders>"
         )
+    try:
+        threshold = OmegaConf.to_container(cfg.threshold, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as err:
+        raise ConfigError(
+            f"{err.full_key} must be set, e.g. threshold=fixed threshold.value=12.5"
+        ) from None
     datamodule = build(cfg.data)
     system = build_system(
         build(cfg.model),
-        threshold=OmegaConf.to_container(cfg.threshold, resolve=True),
+        threshold=threshold,
         normalization=cfg.eval.normalization,
         evaluation={
             "max_fpr": cfg.eval.max_fpr,
