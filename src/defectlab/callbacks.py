@@ -67,10 +67,11 @@ class AnomalyImageWriter(L.Callback):
             mask = batch["mask"][i, 0].bool().cpu().numpy() if "mask" in batch else None
             verdict = "DEFECTIVE" if bool(decisions[i]) else "good"
             title = f"{defect_type} | {float(normalized[i]):.2f} / thr {thr_norm:.2f} -> {verdict}"
+            localizes = getattr(pl_module, "localizes", True)
             panel = image_panel(
                 image.permute(1, 2, 0).to(torch.uint8).numpy(),
-                maps[i, 0].numpy(),
-                segmentation[i, 0].numpy(),
+                maps[i, 0].numpy() if localizes else None,
+                segmentation[i, 0].numpy() if localizes else None,
                 mask,
                 vmin,
                 threshold,

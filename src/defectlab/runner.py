@@ -144,6 +144,7 @@ def test_and_report(job: Job, ckpt: Path, extra: dict[str, Any]) -> dict[str, An
         "metrics": tested["metrics"],
         "confusion_matrix": tested["confusion_matrix"],
         "oracle": tested["oracle"],
+        "localization": tested["localization"],
         "per_defect_type": {f"{category}/{k}": v for k, v in tested["per_defect_type"].items()},
         "threshold": tested["threshold"],
         "timing": {

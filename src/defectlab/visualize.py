@@ -37,8 +37,8 @@ def heatmap_rgb(anomaly_map: np.ndarray, vmin: float, threshold: float) -> np.nd
 
 def image_panel(
     image: np.ndarray,
-    anomaly_map: np.ndarray,
-    segmentation: np.ndarray,
+    anomaly_map: np.ndarray | None,
+    segmentation: np.ndarray | None,
     mask: np.ndarray | None,
     vmin: float,
     threshold: float,
@@ -48,18 +48,32 @@ def image_panel(
 
     Args:
         image: ``(H, W, 3)`` uint8; anomaly_map: ``(H, W)`` raw map; segmentation: ``(H, W)``
-            bool at the pixel threshold; mask: ``(H, W)`` bool ground truth or None.
+            bool at the pixel threshold; mask: ``(H, W)`` bool ground truth or None. Without a map
+            (image-level models) the panel is the original, with the contour if a mask exists.
     """
+    if anomaly_map is None or segmentation is None:
+        row = image.copy()
+        if mask is not None and mask.any():
+            row[_contour(mask)] = CONTOUR_COLOUR
+        return _with_header(row, title)
     heat = heatmap_rgb(anomaly_map, vmin, threshold)
     overlay = (0.5 * image + 0.5 * heat).astype(np.uint8)
     seg = image.astype(np.float32) * 0.35
     seg[segmentation] = 0.35 * seg[segmentation] + 0.65 * SEG_COLOUR
     seg = seg.astype(np.uint8)
     if mask is not None and mask.any():
-        contour = mask & ~ndimage.binary_erosion(mask, iterations=1, border_value=0)
+        contour = _contour(mask)
         for tile in (overlay, seg):
             tile[contour] = CONTOUR_COLOUR
-    row = np.concatenate([image, heat, overlay, seg], axis=1)
+    return _with_header(np.concatenate([image, heat, overlay, seg], axis=1), title)
+
+
+def _contour(mask: np.ndarray) -> np.ndarray:
+    """One-pixel inner boundary of a bool mask."""
+    return mask & ~ndimage.binary_erosion(mask, iterations=1, border_value=0)
+
+
+def _with_header(row: np.ndarray, title: str) -> Image.Image:
     canvas = Image.new("RGB", (row.shape[1], row.shape[0] + HEADER_PX), "black")
     canvas.paste(Image.fromarray(row), (0, HEADER_PX))
     ImageDraw.Draw(canvas).text((2, 1), title, fill="white")

@@ -123,10 +123,16 @@ class AnomalySystem(L.LightningModule):
         self._test["label"].append(batch["label"].cpu())
         self._test["defect_type"].extend(batch["defect_type"])
         self._test["path"].extend(batch["path"])
-        if "mask" in batch:
+        if "mask" in batch and self.localizes:
             self._test["map"].append(out.anomaly_map.detach().float().cpu())
             self._test["mask"].append(batch["mask"].cpu())
+        self._test["has_mask"].append("mask" in batch)
         return {"score": out.score, "anomaly_map": out.anomaly_map}
+
+    @property
+    def localizes(self) -> bool:
+        """False for image-level models (flat maps): pixel metrics and heatmaps do not apply."""
+        return getattr(self.model, "localizes", True)
 
     def on_test_epoch_end(self) -> None:
         scores, labels = torch.cat(self._test["score"]), torch.cat(self._test["label"])
@@ -144,6 +150,9 @@ class AnomalySystem(L.LightningModule):
             max_fpr=self.evaluation.get("max_fpr", 0.3),
             bootstrap=self.evaluation.get("bootstrap"),
         )
+        if any(self._test["has_mask"]) and not self.localizes:
+            # Masks exist but the model scores whole images: "not applicable", never a number.
+            summary["metrics"] |= dict.fromkeys(("pixel_auroc", "pixel_aupro", "pixel_f1"))
         logged = {f"test/{k}": v for k, v in summary["metrics"].items()}
         for defect_type, row in summary["per_defect_type"].items():
             logged |= {f"test/{defect_type}/{k}": v for k, v in row.items()}
@@ -153,6 +162,7 @@ class AnomalySystem(L.LightningModule):
         predicted = self.calibration.is_defective(scores) if fitted else [None] * len(scores)
         self.test_results = {
             **summary,
+            "localization": self.localizes,
             "threshold": {**asdict(self.threshold_spec), **self.calibration.as_dict()},
             "predictions": [
                 {

@@ -1,4 +1,4 @@
-"""Lightning system for memory-bank models (PatchCore): one pass over train/good, no optimiser."""
+"""Lightning system for memory-bank models (PatchCore, FeatureKNN): one pass over train/good, no optimiser."""
 
 from __future__ import annotations
 

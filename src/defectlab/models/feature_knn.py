@@ -1,0 +1,99 @@
+"""Image-level baseline: global backbone embedding + mean distance to the k nearest train images."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from defectlab.components import FeatureExtractor, NearestNeighbors
+from defectlab.errors import ConfigError
+from defectlab.models.output import AnomalyOutput
+
+POOLINGS = ("avg", "max")
+
+
+class FeatureKNN(nn.Module):
+    """Score = mean L2 distance of an image's global embedding to its ``k`` nearest train embeddings.
+
+    The embedding concatenates each configured backbone layer, globally pooled (``avg`` or
+    ``max``); for a ViT's token maps, ``avg`` is the mean patch token. The score is image-level
+    only: ``localizes = False`` tells the system that pixel metrics do not apply, and the anomaly
+    map is flat (the score everywhere).
+
+    Args:
+        extractor: frozen backbone returning the configured layers.
+        knn: nearest-neighbour search over the train embeddings.
+        k: neighbours averaged into the score.
+        pooling: ``avg`` or ``max`` global pooling per layer.
+        standardize: z-score every feature with the train embeddings' mean and std before search.
+    """
+
+    localizes = False
+
+    def __init__(
+        self,
+        extractor: FeatureExtractor,
+        knn: NearestNeighbors,
+        k: int = 5,
+        pooling: str = "avg",
+        standardize: bool = False,
+    ) -> None:
+        super().__init__()
+        if k < 1:
+            raise ConfigError(f"model.k must be >= 1, got {k}")
+        if pooling not in POOLINGS:
+            raise ConfigError(f"model.pooling={pooling}: choose one of {POOLINGS}")
+        self.extractor = extractor
+        self.knn = knn
+        self.k = k
+        self.pooling = pooling
+        self.standardize = standardize
+        dim = sum(extractor.channels)
+        # Persistent so a checkpoint alone restores a fitted model; the bank is resized on load.
+        self.register_buffer("memory_bank", torch.empty(0, dim))
+        self.register_buffer("feature_mean", torch.zeros(dim))
+        self.register_buffer("feature_std", torch.ones(dim))
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Global embeddings ``(B, D)`` of images ``(B, 3, H, W)`` in [0, 1] (not standardised)."""
+        pool = F.adaptive_avg_pool2d if self.pooling == "avg" else F.adaptive_max_pool2d
+        return torch.cat([pool(f, 1).flatten(1) for f in self.extractor(images)], dim=1)
+
+    @torch.no_grad()
+    def fit(self, embeddings: torch.Tensor) -> None:
+        """Store the ``(N, D)`` train embeddings (standardised if configured) and index them."""
+        if len(embeddings) == 0:
+            raise ValueError("FeatureKNN.fit got no embeddings: is the training set empty?")
+        embeddings = embeddings.float()
+        if self.standardize:
+            self.feature_mean = embeddings.mean(0)
+            # A constant feature carries no information; unit std keeps it finite.
+            std = embeddings.std(0) if len(embeddings) > 1 else torch.ones_like(self.feature_mean)
+            self.feature_std = torch.where(std > 1e-6, std, torch.ones_like(std))
+        self.memory_bank = self._standardized(embeddings).to(self.memory_bank.device)
+        self.knn.fit(self.memory_bank)
+
+    def _standardized(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return (embeddings.float() - self.feature_mean) / self.feature_std
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> AnomalyOutput:
+        """Score images ``(B, 3, H, W)``; the anomaly map ``(B, 1, H, W)`` is flat."""
+        if len(self.memory_bank) == 0:
+            raise RuntimeError("FeatureKNN has no train embeddings: fit it or load a checkpoint")
+        if self.knn.size == 0:
+            self.knn.fit(self.memory_bank)
+        queries = self._standardized(self.embed(images))
+        dist, _ = self.knn.search(queries, k=min(self.k, len(self.memory_bank)))
+        score = dist.mean(dim=1)
+        flat = score.view(-1, 1, 1, 1).expand(-1, 1, *images.shape[-2:])
+        return AnomalyOutput(score=score, anomaly_map=flat.contiguous())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "memory_bank"
+        if key in state_dict:  # resize so a checkpoint of any size loads into a fresh model
+            self.memory_bank = torch.empty_like(state_dict[key], device=self.memory_bank.device)
+            self.knn.reset()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
