@@ -65,8 +65,8 @@ def save_checkpoint_atomic(trainer: L.Trainer, path: Path) -> None:
 def config_snapshot(cfg: DictConfig) -> dict:
     """The run's config, portable: Hydra runtime values frozen, data_dir made absolute.
 
-    Interpolations such as ``${paths.output_dir}`` stay, so evaluate.py can point outputs at its
-    own folder and never write into (or over) the training run.
+    ``paths.output_dir`` is cleared while the interpolations that use it (logger folders) stay,
+    so evaluate.py points every output at its own folder and never writes into the training run.
     """
     snapshot = OmegaConf.to_container(cfg, resolve=False)
     snapshot.pop("hydra", None)
@@ -126,7 +126,11 @@ def build_job(cfg: DictConfig, out_dir: Path) -> Job:
 
 
 def test_and_report(job: Job, ckpt: Path, extra: dict[str, Any]) -> dict[str, Any]:
-    """Test the saved checkpoint, then write results.json, predictions.json, plots and images."""
+    """Test the saved checkpoint, then write results.json, predictions.json, plots and images.
+
+    ``extra`` adds top-level entries; its ``timing`` and ``counts`` are merged into those sections.
+    """
+    extra = dict(extra)
     start = time.perf_counter()
     # Test what was saved: the checkpoint alone must reproduce these numbers.
     # verbose=False: Lightning's table would list every per-type key; format_summary prints ours.
