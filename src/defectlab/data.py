@@ -119,20 +119,22 @@ def scan_labelled(folder: Path, gt_dir: Path | None) -> list[Sample]:
     return samples
 
 
-def check_no_overlap(val: list[Sample], others: list[Sample], what: str) -> None:
-    """Raise DataError if a validation image is byte-identical to one of ``others``.
+def check_no_overlap(val: list[Sample], others: dict[str, list[Sample]]) -> None:
+    """Raise DataError if a validation image is byte-identical to one of ``others`` (by role).
 
     Compares content hashes, not paths: a test image copied into the validation folder would
     otherwise leak test data into the threshold.
     """
-    seen = {_digest(s.path): s.path for s in others}
-    for s in val:
-        twin = seen.get(_digest(s.path))
-        if twin is not None:
-            raise DataError(
-                f"data.val_dir: {s.path} is identical to {what} image {twin}. Validation images "
-                "must be neither training nor test images; remove it from the validation folder."
-            )
+    val_digests = {_digest(s.path): s.path for s in val}
+    for what, samples in others.items():
+        for s in samples:
+            twin = val_digests.get(_digest(s.path))
+            if twin is not None:
+                raise DataError(
+                    f"data.val_dir: {twin} is identical to {what} image {s.path}. Validation "
+                    "images must be neither training nor test images; remove it from the "
+                    "validation folder."
+                )
 
 
 def _digest(path: Path) -> str:
@@ -305,8 +307,7 @@ class AnomalyDataModule(L.LightningDataModule):
             )
         gt_dir = self.val_dir / "ground_truth"
         samples = scan_labelled(self.val_dir, gt_dir if gt_dir.is_dir() else None)
-        check_no_overlap(samples, self.index.test, "test")
-        check_no_overlap(samples, self.index.train, "training")
+        check_no_overlap(samples, {"test": self.index.test, "training": self.index.train})
         return AnomalyDataset(samples, self.transform, with_masks=gt_dir.is_dir())
 
     def _loader(self, dataset: AnomalyDataset) -> DataLoader:

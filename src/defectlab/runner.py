@@ -236,7 +236,9 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     root or category with the same model. Nothing in the training run folder is modified.
     """
     ckpt, reference = _locate(cfg.run_dir, cfg.ckpt_path)
-    snapshot = torch.load(ckpt, map_location="cpu", weights_only=False).get("defectlab_config")
+    # mmap: only the small config entry is read here; trainer.test loads the tensors later.
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+    snapshot = checkpoint.get("defectlab_config")
     if snapshot is None:
         raise ConfigError(f"{ckpt} holds no defectlab_config: it was not written by train.py")
     run_cfg = OmegaConf.create(snapshot)

@@ -4,7 +4,7 @@ from defectlab.components.anomaly_map import AnomalyMapGenerator
 from defectlab.components.backbone import FeatureExtractor, load_backbone_state_dict
 from defectlab.components.calibration import Calibration
 from defectlab.components.embedding import PatchEmbedder
-from defectlab.components.knn import NearestNeighbors
+from defectlab.components.knn import NearestNeighbors, resize_bank_for_load
 from defectlab.components.sampler import (
     CoresetSampler,
     IdentitySampler,
@@ -25,4 +25,5 @@ __all__ = [
     "Sampler",
     "load_backbone_state_dict",
     "num_samples",
+    "resize_bank_for_load",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from defectlab.errors import ConfigError
 
@@ -49,6 +50,10 @@ class NearestNeighbors:
         self._bank = None
         self._index = None
 
+    def ensure_fitted(self, bank: torch.Tensor) -> NearestNeighbors:
+        """Index ``bank`` unless already indexed (a loaded checkpoint restores the bank, not the index)."""
+        return self if self.size else self.fit(bank)
+
     def fit(self, bank: torch.Tensor) -> NearestNeighbors:
         """Index the ``(M, D)`` bank."""
         if bank.ndim != 2 or len(bank) == 0:
@@ -84,3 +89,21 @@ class NearestNeighbors:
             dists.append(d.clamp_min_(0).sqrt_())
             indices.append(i)
         return torch.cat(dists), torch.cat(indices)
+
+
+def resize_bank_for_load(
+    module: nn.Module,
+    state_dict: dict,
+    prefix: str,
+    knn: NearestNeighbors,
+    name: str = "memory_bank",
+) -> None:
+    """Give buffer ``name`` the checkpoint's shape and drop the stale index.
+
+    Call from ``_load_from_state_dict``, so a checkpoint of any bank size loads into a fresh model.
+    """
+    key = prefix + name
+    if key in state_dict:
+        current = getattr(module, name)
+        setattr(module, name, torch.empty_like(state_dict[key], device=current.device))
+        knn.reset()

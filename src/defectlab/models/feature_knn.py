@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defectlab.components import FeatureExtractor, NearestNeighbors
+from defectlab.components import FeatureExtractor, NearestNeighbors, resize_bank_for_load
 from defectlab.errors import ConfigError
 from defectlab.models.output import AnomalyOutput
 
@@ -83,17 +83,14 @@ class FeatureKNN(nn.Module):
         """Score images ``(B, 3, H, W)``; the anomaly map ``(B, 1, H, W)`` is flat."""
         if len(self.memory_bank) == 0:
             raise RuntimeError("FeatureKNN has no train embeddings: fit it or load a checkpoint")
-        if self.knn.size == 0:
-            self.knn.fit(self.memory_bank)
         queries = self._standardized(self.embed(images))
-        dist, _ = self.knn.search(queries, k=min(self.k, len(self.memory_bank)))
+        dist, _ = self.knn.ensure_fitted(self.memory_bank).search(
+            queries, k=min(self.k, len(self.memory_bank))
+        )
         score = dist.mean(dim=1)
         flat = score.view(-1, 1, 1, 1).expand(-1, 1, *images.shape[-2:])
         return AnomalyOutput(score=score, anomaly_map=flat.contiguous())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        key = prefix + "memory_bank"
-        if key in state_dict:  # resize so a checkpoint of any size loads into a fresh model
-            self.memory_bank = torch.empty_like(state_dict[key], device=self.memory_bank.device)
-            self.knn.reset()
+        resize_bank_for_load(self, state_dict, prefix, self.knn)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

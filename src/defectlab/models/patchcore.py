@@ -11,6 +11,7 @@ from defectlab.components import (
     NearestNeighbors,
     PatchEmbedder,
     Sampler,
+    resize_bank_for_load,
 )
 from defectlab.errors import ConfigError
 from defectlab.models.output import AnomalyOutput
@@ -80,9 +81,7 @@ class PatchCore(nn.Module):
             raise RuntimeError(
                 "PatchCore has an empty memory bank: fit it or load a checkpoint first"
             )
-        if self.knn.size == 0:
-            self.knn.fit(self.memory_bank)
-        return self.knn
+        return self.knn.ensure_fitted(self.memory_bank)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> AnomalyOutput:
@@ -118,8 +117,5 @@ class PatchCore(nn.Module):
         return weight * s_star
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        key = prefix + "memory_bank"
-        if key in state_dict:  # resize so a checkpoint of any bank size loads into a fresh model
-            self.memory_bank = torch.empty_like(state_dict[key], device=self.memory_bank.device)
-            self.knn.reset()
+        resize_bank_for_load(self, state_dict, prefix, self.knn)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
