@@ -238,6 +238,30 @@ def split_holdout(
     return fit, val
 
 
+def take_labeled(test: list[Sample], per_type: int, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Move ``per_type`` seeded-random defective images of every defect type out of ``test``.
+
+    Returns ``(moved, remaining_test)``. At least one image of each type stays in the test set.
+    """
+    if per_type < 0:
+        raise ConfigError(f"data.labeled_anomalies must be >= 0, got {per_type}")
+    by_type: dict[str, list[Sample]] = {}
+    for s in test:
+        if s.label == 1:
+            by_type.setdefault(s.defect_type, []).append(s)
+    moved: list[Sample] = []
+    rng = random.Random(seed)
+    for defect_type, samples in sorted(by_type.items()):
+        if per_type >= len(samples):
+            raise DataError(
+                f"data.labeled_anomalies={per_type} but test/{defect_type} has only "
+                f"{len(samples)} images; at least one per type must stay in the test set"
+            )
+        moved.extend(rng.sample(samples, per_type))
+    chosen = {s.path for s in moved}
+    return moved, [s for s in test if s.path not in chosen]
+
+
 class AnomalyDataModule(L.LightningDataModule):
     """The one DataModule: MVTec layout, a seeded held-out slice of train/good, shared transforms.
 
@@ -253,6 +277,10 @@ class AnomalyDataModule(L.LightningDataModule):
         val_dir: optional labelled validation folder (``good/``, ``<defect_type>/`` and optionally
             ``ground_truth/<defect_type>/<name>_mask.png``) for ``threshold=f1_val``; it must not
             share images with the category's train or test folders.
+        labeled_anomalies: real defective images per defect type moved (seeded) from the test set
+            into training, with their masks; only for supervised models (``model=unet``).
+        shuffle_train: shuffle training batches (seeded); trained models set it, memory banks
+            keep the file order.
         prepare: optional callable ``prepare(root)`` that writes the layout (ELPV, synthetic).
     """
 
@@ -267,6 +295,8 @@ class AnomalyDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         val_dir: str | None = None,
+        labeled_anomalies: int = 0,
+        shuffle_train: bool = False,
         prepare: Callable[[Path], None] | None = None,
     ) -> None:
         super().__init__()
@@ -278,8 +308,13 @@ class AnomalyDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.val_dir = None if val_dir is None else Path(val_dir)
+        if labeled_anomalies < 0:
+            raise ConfigError(f"data.labeled_anomalies must be >= 0, got {labeled_anomalies}")
+        self.labeled_anomalies = labeled_anomalies
+        self.shuffle_train = shuffle_train
         self.prepare = prepare
         self.index: CategoryIndex | None = None
+        self.labeled_counts: dict[str, int] = {}
         self.labelled_val_set: AnomalyDataset | None = None
         check_val_ratio(val_ratio)
 
@@ -293,9 +328,19 @@ class AnomalyDataModule(L.LightningDataModule):
         self.index = scan_category(self.root, self.category)
         fit, val = split_holdout(self.index.train, self.val_ratio, self.seed)
         masks = self.index.has_masks
-        self.fit_set = AnomalyDataset(fit, self.transform, with_masks=False)
+        test, labeled = self.index.test, []
+        if self.labeled_anomalies:
+            if not masks:
+                raise DataError(
+                    f"data.labeled_anomalies={self.labeled_anomalies} needs defect masks, but "
+                    f"{self.root / self.category}/ground_truth does not exist"
+                )
+            labeled, test = take_labeled(test, self.labeled_anomalies, self.seed)
+            for s in labeled:
+                self.labeled_counts[s.defect_type] = self.labeled_counts.get(s.defect_type, 0) + 1
+        self.fit_set = AnomalyDataset(fit + labeled, self.transform, with_masks=bool(labeled))
         self.val_set = AnomalyDataset(val, self.transform, with_masks=False)
-        self.test_set = AnomalyDataset(self.index.test, self.transform, with_masks=masks)
+        self.test_set = AnomalyDataset(test, self.transform, with_masks=masks)
         if self.val_dir is not None:
             self.labelled_val_set = self._labelled_val()
 
@@ -310,17 +355,18 @@ class AnomalyDataModule(L.LightningDataModule):
         check_no_overlap(samples, {"test": self.index.test, "training": self.index.train})
         return AnomalyDataset(samples, self.transform, with_masks=gt_dir.is_dir())
 
-    def _loader(self, dataset: AnomalyDataset) -> DataLoader:
+    def _loader(self, dataset: AnomalyDataset, shuffle: bool = False) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=False,  # order does not matter for memory banks; fixed order is reproducible
+            shuffle=shuffle,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.fit_set)
+        return self._loader(self.fit_set, shuffle=self.shuffle_train)
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         """Held-out good slice (index 0), plus the labelled validation folder (index 1) if given."""

@@ -69,7 +69,8 @@ def peak_rss_mb() -> float:
 def format_summary(results: dict) -> str:
     """A short human-readable block of the headline numbers."""
     lines = [
-        f"defectlab | {results['model']} | {results['backbone']} | {results['data']}/{results['category']}"
+        f"defectlab | {results['model']} | {results['backbone'] or 'no backbone'} | "
+        f"{results['data']}/{results['category']}"
     ]
     metrics = dict(results["metrics"])
     lo, hi = metrics.pop("image_auroc_ci_low", None), metrics.pop("image_auroc_ci_high", None)
@@ -98,11 +99,22 @@ def format_summary(results: dict) -> str:
                 f"    {name:<24} {row['n']:>3}  {_fmt(row['image_auroc'])}  "
                 f"{_fmt(row['image_recall'])}  {_fmt(row.get('pixel_aupro'))}"
             )
+    training = results.get("training")
+    if training and training.get("best_epoch") is not None:
+        stop = "stopped early" if training["stopped_early"] else "max_epochs reached"
+        lines.append(
+            f"  trained {training['epochs']} epochs ({stop}); best epoch {training['best_epoch']}, "
+            f"held-out loss {training['best_val_loss']:.4g}"
+        )
+    labeled = (results.get("counts") or {}).get("labeled_anomalies")
+    if labeled:
+        lines.append(f"  real defects used for training (not tested): {labeled}")
     t, m = results["timing"], results["memory"]
     fit = f"fit {t['fit_s']:.1f}s | " if t.get("fit_s") is not None else ""
     lines.append(
         f"  {fit}test {t['test_s']:.1f}s ({t['test_images_per_s']:.1f} img/s) | "
-        f"peak RSS {m['peak_rss_mb']:.0f} MB | bank {m['bank_mb']:.1f} MB"
+        f"peak RSS {m['peak_rss_mb']:.0f} MB"
+        + ("" if m.get("bank_mb") is None else f" | bank {m['bank_mb']:.1f} MB")
     )
     return "\n".join(lines)
 

@@ -24,12 +24,14 @@ from defectlab.results import (
     read_json,
     write_json_atomic,
 )
-from defectlab.systems import AnomalySystem, build_system
+from defectlab.systems import AnomalySystem, TrainedSystem, build_system
 from defectlab.visualize import save_run_plots
 
 # Intended, not problems: frozen backbones stay in eval mode, memory banks have no optimiser.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 warnings.filterwarnings("ignore", message=r".*configure_optimizers.* returned `None`.*")
+# Testing a trained model's checkpoint needs no early-stopping/checkpoint callback state.
+warnings.filterwarnings("ignore", message=r".*callbacks used to create the checkpoint need.*")
 
 CHECKPOINT = Path("checkpoints") / "model.ckpt"
 # Keys of the composed config whose values come from Hydra's runtime and are frozen on save.
@@ -89,6 +91,28 @@ class Job:
     image_writer: AnomalyImageWriter
 
 
+def _build_model(cfg: DictConfig) -> tuple[Any, dict[str, Any] | None]:
+    """The pure torch model, and the built ``model.fit`` section of trained models.
+
+    ``model.fit`` (optimizer, patience, synthetic anomalies) configures the Lightning system, not
+    the model, so it is split off before instantiation; ``max_epochs`` goes to the trainer.
+    """
+    node = OmegaConf.to_container(cfg.model, resolve=True)
+    fit = node.pop("fit", None)
+    model = build(OmegaConf.create(node))
+    if fit is None:
+        return model, None
+    fit = OmegaConf.create(fit)
+    training = {
+        "optimizer": build(fit.optimizer),
+        "patience": fit.patience,
+        "min_delta": fit.min_delta,
+    }
+    if fit.get("anomalies") is not None:
+        training["anomalies"] = build(fit.anomalies)
+    return model, training
+
+
 def build_job(cfg: DictConfig, out_dir: Path) -> Job:
     """Instantiate data, model, system, trainer and the image writer (fails on bad config)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -104,9 +128,10 @@ def build_job(cfg: DictConfig, out_dir: Path) -> Job:
         raise ConfigError(
             f"{err.full_key} must be set, e.g. threshold=fixed threshold.value=12.5"
         ) from None
-    datamodule = build(cfg.data)
+    model, training = _build_model(cfg)
     system = build_system(
-        build(cfg.model),
+        model,
+        training,
         threshold=threshold,
         normalization=cfg.eval.normalization,
         evaluation={
@@ -114,6 +139,19 @@ def build_job(cfg: DictConfig, out_dir: Path) -> Job:
             "bootstrap": OmegaConf.to_container(cfg.eval.bootstrap, resolve=True),
         },
     )
+    trained = isinstance(system, TrainedSystem)
+    if cfg.data.get("labeled_anomalies", 0) and not getattr(model, "supervised", False):
+        raise ConfigError(
+            f"data.labeled_anomalies={cfg.data.labeled_anomalies}: only supervised models "
+            f"(model=unet) may train on defective images; {cfg.model_name} learns from good "
+            "images only. Set data.labeled_anomalies=0."
+        )
+    if trained and not cfg.data.val_ratio > 0:
+        raise ConfigError(
+            f"model={cfg.model_name} stops early on held-out good images: data.val_ratio must "
+            "be > 0"
+        )
+    datamodule = build(cfg.data, shuffle_train=trained)
     image_writer = AnomalyImageWriter(
         out_dir / "images", cfg.data.category, cfg.eval.images.max_per_type
     )
@@ -144,7 +182,8 @@ def test_and_report(job: Job, ckpt: Path, extra: dict[str, Any]) -> dict[str, An
         "category": category,
         "data": cfg.data_name,
         "model": cfg.model_name,
-        "backbone": cfg.backbone_name,
+        # CAE and U-Net learn their own features: the backbone config does not apply to them.
+        "backbone": cfg.backbone_name if hasattr(system.model, "extractor") else None,
         "metrics": tested["metrics"],
         "confusion_matrix": tested["confusion_matrix"],
         "oracle": tested["oracle"],
@@ -158,12 +197,14 @@ def test_and_report(job: Job, ckpt: Path, extra: dict[str, Any]) -> dict[str, An
         },
         "memory": {
             "peak_rss_mb": peak_rss_mb(),
-            "bank_mb": 0.0 if bank is None else bank.numel() * bank.element_size() / 2**20,
+            "bank_mb": None if bank is None else bank.numel() * bank.element_size() / 2**20,
+            "parameters": sum(p.numel() for p in system.model.parameters()),
             "bank_shape": None if bank is None else list(bank.shape),
         },
         "counts": {
             "test": n_test,
-            "test_defective": sum(s.label for s in job.datamodule.index.test),
+            "test_defective": sum(s.label for s in job.datamodule.test_set.samples),
+            "labeled_anomalies": dict(job.datamodule.labeled_counts),
             **extra.pop("counts", {}),
         },
         "checkpoint": str(ckpt.resolve()),
@@ -194,11 +235,20 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     fit_s = time.perf_counter() - start
 
     ckpt = job.out_dir / CHECKPOINT
-    save_checkpoint_atomic(job.trainer, ckpt)
+    extra: dict[str, Any] = {}
+    if isinstance(job.system, TrainedSystem):
+        best = job.trainer.checkpoint_callback.best_model_path
+        if not best:
+            raise DefectlabError("training ended before a validation epoch: no checkpoint")
+        Path(best).replace(ckpt)  # the best epoch (rename: atomic) is the model that is tested
+        extra["training"] = job.system.training_summary()
+    else:
+        save_checkpoint_atomic(job.trainer, ckpt)
     results = test_and_report(
         job,
         ckpt,
         {
+            **extra,
             "timing": {"fit_s": fit_s, "sample_s": getattr(job.system, "sample_s", None)},
             "counts": {
                 "train": len(job.datamodule.fit_set),

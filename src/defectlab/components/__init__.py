@@ -1,6 +1,6 @@
 """Shared building blocks (pure torch): backbone, embedding, samplers, kNN, anomaly maps."""
 
-from defectlab.components.anomaly_map import AnomalyMapGenerator
+from defectlab.components.anomaly_map import AnomalyMapGenerator, MapScore
 from defectlab.components.backbone import FeatureExtractor, load_backbone_state_dict
 from defectlab.components.calibration import Calibration
 from defectlab.components.embedding import PatchEmbedder
@@ -12,6 +12,7 @@ from defectlab.components.sampler import (
     Sampler,
     num_samples,
 )
+from defectlab.components.synthetic_anomaly import SyntheticAnomalies
 
 __all__ = [
     "AnomalyMapGenerator",
@@ -19,10 +20,12 @@ __all__ = [
     "CoresetSampler",
     "FeatureExtractor",
     "IdentitySampler",
+    "MapScore",
     "NearestNeighbors",
     "PatchEmbedder",
     "RandomSampler",
     "Sampler",
+    "SyntheticAnomalies",
     "load_backbone_state_dict",
     "num_samples",
     "resize_bank_for_load",

@@ -1,4 +1,4 @@
-"""Patch scores -> full-resolution anomaly map (bilinear upsampling + Gaussian blur)."""
+"""Anomaly-map post-processing shared by every model: upsampling, smoothing, image scores."""
 
 import math
 
@@ -6,6 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms.v2.functional import gaussian_blur
+
+from defectlab.errors import ConfigError
+
+SCORE_REDUCTIONS = ("max", "topk_mean")
 
 
 class AnomalyMapGenerator(nn.Module):
@@ -21,7 +25,7 @@ class AnomalyMapGenerator(nn.Module):
     def __init__(self, sigma: float = 4.0) -> None:
         super().__init__()
         if sigma < 0:
-            raise ValueError(f"model.blur_sigma must be >= 0, got {sigma}")
+            raise ConfigError(f"model.blur_sigma must be >= 0, got {sigma}")
         self.sigma = float(sigma)
 
     @property
@@ -30,7 +34,37 @@ class AnomalyMapGenerator(nn.Module):
 
     def forward(self, patch_scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Map ``(B, 1, h, w)`` patch scores to a ``(B, 1, H, W)`` anomaly map."""
-        amap = F.interpolate(patch_scores, size=size, mode="bilinear", align_corners=False)
+        amap = patch_scores
+        if tuple(amap.shape[-2:]) != tuple(size):
+            amap = F.interpolate(amap, size=size, mode="bilinear", align_corners=False)
         if self.sigma > 0:
             amap = gaussian_blur(amap, kernel_size=[self.kernel_size] * 2, sigma=[self.sigma] * 2)
         return amap
+
+
+class MapScore(nn.Module):
+    """Image score from an anomaly map: its maximum, or the mean of its ``topk`` largest pixels.
+
+    The top-k mean is less sensitive than the maximum to a single noisy pixel (reconstruction
+    models), at the cost of diluting very small defects.
+
+    Args:
+        reduction: ``max`` or ``topk_mean``.
+        topk: pixels averaged by ``topk_mean``.
+    """
+
+    def __init__(self, reduction: str = "max", topk: int = 100) -> None:
+        super().__init__()
+        if reduction not in SCORE_REDUCTIONS:
+            raise ConfigError(f"model.score={reduction}: choose one of {SCORE_REDUCTIONS}")
+        if topk < 1:
+            raise ConfigError(f"model.topk must be >= 1, got {topk}")
+        self.reduction = reduction
+        self.topk = topk
+
+    def forward(self, amap: torch.Tensor) -> torch.Tensor:
+        """Scores ``(B,)`` of maps ``(B, 1, H, W)``."""
+        flat = amap.flatten(1)
+        if self.reduction == "max":
+            return flat.amax(dim=1)
+        return flat.topk(min(self.topk, flat.shape[1]), dim=1).values.mean(dim=1)

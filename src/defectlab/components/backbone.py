@@ -125,6 +125,7 @@ class FeatureExtractor(nn.Module):
         mean: per-channel input mean the weights were trained with.
         std: per-channel input std the weights were trained with.
         alias: the config name used in messages (e.g. ``wide_resnet50_2``).
+        kwargs: extra ``timm.create_model`` arguments (e.g. ``dynamic_img_size`` for ViTs).
     """
 
     def __init__(
@@ -136,9 +137,11 @@ class FeatureExtractor(nn.Module):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         alias: str | None = None,
+        kwargs: dict | None = None,
     ) -> None:
         super().__init__()
         self.name = name
+        self.timm_kwargs = dict(kwargs or {})
         self.alias = alias or name
         self.layers = list(layers)
         self.weights = weights
@@ -157,14 +160,16 @@ class FeatureExtractor(nn.Module):
     def _layer_indices(name: str, layers: list[str]) -> list[int]:
         try:
             with torch.device("meta"):  # names only: no memory, no weights
-                probe = timm.create_model(name, pretrained=False, features_only=True)
+                # The full model's feature_info lists every layer features_only can return
+                # (a features_only probe lists only its default out_indices: 3 blocks of a ViT).
+                probe = timm.create_model(name, pretrained=False)
         except RuntimeError as err:
             if "Unknown model" in str(err):
                 raise ConfigError(
                     f"backbone.name={name}: unknown timm model; see timm.list_models('{name[:6]}*')"
                 ) from err
             raise
-        available = probe.feature_info.module_name()
+        available = [info["module"] for info in probe.feature_info]
         unknown = [layer for layer in layers if layer not in available]
         if unknown:
             raise ConfigError(
@@ -173,7 +178,7 @@ class FeatureExtractor(nn.Module):
         return sorted(available.index(layer) for layer in layers)
 
     def _build(self, pretrained: bool, weights: str | None) -> nn.Module:
-        kwargs = dict(features_only=True, out_indices=tuple(self.layer_indices))
+        kwargs = dict(features_only=True, out_indices=tuple(self.layer_indices), **self.timm_kwargs)
         if not pretrained:
             return timm.create_model(self.name, pretrained=False, **kwargs)
         if weights is None:
@@ -184,7 +189,8 @@ class FeatureExtractor(nn.Module):
         net = timm.create_model(self.name, pretrained=False, **kwargs)
         state = load_backbone_state_dict(self.name, weights)
         try:
-            result = net.load_state_dict(state, strict=False)
+            # ViTs come wrapped (FeatureGetterNet.model); CNN feature nets keep the original keys.
+            result = getattr(net, "model", net).load_state_dict(state, strict=False)
         except RuntimeError as err:  # shape mismatches
             raise BackboneWeightsError(
                 f"backbone.weights={weights} does not fit timm '{self.name}': "
@@ -207,3 +213,28 @@ class FeatureExtractor(nn.Module):
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Return feature maps ``[(B, C_l, H / r_l, W / r_l)]`` for ``(B, 3, H, W)`` inputs in [0, 1]."""
         return self.net((images - self.mean) / self.std)
+
+    @property
+    def has_class_token(self) -> bool:
+        """True for transformer backbones with a CLS token (timm ``forward_intermediates``)."""
+        model = getattr(self.net, "model", None)
+        return getattr(model, "cls_token", None) is not None and hasattr(
+            model, "forward_intermediates"
+        )
+
+    def class_tokens(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """CLS token ``(B, C_l)`` of each configured transformer block, for ``(B, 3, H, W)`` inputs."""
+        if not self.has_class_token:
+            raise ConfigError(
+                f"backbone {self.alias} has no CLS token: use a ViT backbone "
+                "(backbone=vit_base_patch16_224) or model.pooling=avg|max"
+            )
+        out = self.net.model.forward_intermediates(
+            (images - self.mean) / self.std,
+            indices=self.net.out_indices,
+            norm=self.net.norm,
+            output_fmt="NCHW",
+            intermediates_only=True,
+            return_prefix_tokens=True,
+        )
+        return [prefix[:, 0] for _, prefix in out]

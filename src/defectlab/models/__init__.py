@@ -1,7 +1,9 @@
 """Pure torch anomaly-detection algorithms; every one returns an :class:`AnomalyOutput`."""
 
+from defectlab.models.autoencoder import ConvAutoencoder
 from defectlab.models.feature_knn import FeatureKNN
 from defectlab.models.output import AnomalyOutput
 from defectlab.models.patchcore import PatchCore
+from defectlab.models.unet import UNet
 
-__all__ = ["AnomalyOutput", "FeatureKNN", "PatchCore"]
+__all__ = ["AnomalyOutput", "ConvAutoencoder", "FeatureKNN", "PatchCore", "UNet"]

@@ -10,14 +10,14 @@ from defectlab.components import FeatureExtractor, NearestNeighbors, resize_bank
 from defectlab.errors import ConfigError
 from defectlab.models.output import AnomalyOutput
 
-POOLINGS = ("avg", "max")
+POOLINGS = ("avg", "max", "cls")
 
 
 class FeatureKNN(nn.Module):
     """Score = mean L2 distance of an image's global embedding to its ``k`` nearest train embeddings.
 
     The embedding concatenates each configured backbone layer, globally pooled (``avg`` or
-    ``max``); for a ViT's token maps, ``avg`` is the mean patch token. The score is image-level
+    ``max``); for a ViT, ``avg`` is the mean patch token and ``cls`` the class token. The score is image-level
     only: ``localizes = False`` tells the system that pixel metrics do not apply, and the anomaly
     map is flat (the score everywhere).
 
@@ -25,7 +25,7 @@ class FeatureKNN(nn.Module):
         extractor: frozen backbone returning the configured layers.
         knn: nearest-neighbour search over the train embeddings.
         k: neighbours averaged into the score.
-        pooling: ``avg`` or ``max`` global pooling per layer.
+        pooling: ``avg`` or ``max`` global pooling per layer, or ``cls`` (ViT class token).
         standardize: z-score every feature with the train embeddings' mean and std before search.
     """
 
@@ -44,6 +44,11 @@ class FeatureKNN(nn.Module):
             raise ConfigError(f"model.k must be >= 1, got {k}")
         if pooling not in POOLINGS:
             raise ConfigError(f"model.pooling={pooling}: choose one of {POOLINGS}")
+        if pooling == "cls" and not extractor.has_class_token:
+            raise ConfigError(
+                f"model.pooling=cls needs a ViT backbone with a CLS token; {extractor.alias} "
+                "has none (use model.pooling=avg|max)"
+            )
         self.extractor = extractor
         self.knn = knn
         self.k = k
@@ -58,6 +63,8 @@ class FeatureKNN(nn.Module):
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Global embeddings ``(B, D)`` of images ``(B, 3, H, W)`` in [0, 1] (not standardised)."""
+        if self.pooling == "cls":
+            return torch.cat(self.extractor.class_tokens(images), dim=1)
         pool = F.adaptive_avg_pool2d if self.pooling == "avg" else F.adaptive_max_pool2d
         return torch.cat([pool(f, 1).flatten(1) for f in self.extractor(images)], dim=1)
 

@@ -1,16 +1,34 @@
 """Lightning systems: sequencing, logging and checkpoint state around the pure torch models."""
 
+from collections.abc import Mapping
+from typing import Any
+
 from torch import nn
 
+from defectlab.errors import ConfigError
 from defectlab.systems.base import AnomalySystem
 from defectlab.systems.memory_bank import MemoryBankSystem
+from defectlab.systems.trained import TrainedSystem
 
 
-def build_system(model: nn.Module, **kwargs) -> AnomalySystem:
-    """Wrap ``model`` in the system its contract calls for (memory-bank models have ``fit``)."""
+def build_system(
+    model: nn.Module, training: Mapping[str, Any] | None = None, **kwargs: Any
+) -> AnomalySystem:
+    """Wrap ``model`` in the system its contract calls for.
+
+    Memory-bank models have ``embed``/``fit``; trained models have ``loss`` and need ``training``
+    (the built ``model.fit`` config: optimizer, patience, ...).
+    """
     if hasattr(model, "embed") and hasattr(model, "fit"):
         return MemoryBankSystem(model, **kwargs)
-    raise TypeError(f"no Lightning system for {type(model).__name__}: it has no embed/fit contract")
+    if hasattr(model, "loss"):
+        if training is None:
+            raise ConfigError(
+                f"{type(model).__name__} is trained by gradient descent: its model config needs "
+                "a fit: section (optimizer, patience, max_epochs)"
+            )
+        return TrainedSystem(model, **training, **kwargs)
+    raise TypeError(f"no Lightning system for {type(model).__name__}: neither embed/fit nor loss")
 
 
-__all__ = ["AnomalySystem", "MemoryBankSystem", "build_system"]
+__all__ = ["AnomalySystem", "MemoryBankSystem", "TrainedSystem", "build_system"]

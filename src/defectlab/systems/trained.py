@@ -1,0 +1,143 @@
+"""Lightning system for models trained by gradient descent (CAE, U-Net)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from torch import nn
+
+from defectlab.components import SyntheticAnomalies
+from defectlab.errors import ConfigError
+from defectlab.systems.base import HELDOUT, AnomalySystem
+
+MONITOR = "val/loss"
+BEST = "best"  # file name (without .ckpt) of the best-epoch checkpoint under checkpoints/
+
+
+class TrainedSystem(AnomalySystem):
+    """Train ``model.loss`` on train/good; stop early and keep the best epoch by held-out loss.
+
+    Every validation epoch also re-calibrates thresholds on the held-out good slice (base class),
+    so the best-epoch checkpoint carries the calibration of its own weights.
+
+    Supervised models (``model.supervised``) learn masks: synthetic ``anomalies`` are pasted onto
+    the good images of each batch; real labelled defects (``data.labeled_anomalies``) bring their
+    own masks. The held-out loss uses the same kinds of synthetic defects from a fixed seed, so
+    epochs are compared on identical data.
+
+    Args:
+        model: pure torch model with ``loss`` and ``predict``.
+        optimizer: ``params -> torch.optim.Optimizer`` (a Hydra partial).
+        patience: validation epochs without improvement before stopping.
+        min_delta: smallest decrease of the held-out loss that counts as improvement.
+        anomalies: synthetic defect generator (required for supervised models).
+        **kwargs: see :class:`AnomalySystem`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
+        patience: int = 10,
+        min_delta: float = 0.0,
+        anomalies: SyntheticAnomalies | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(model, **kwargs)
+        if patience < 1:
+            raise ConfigError(f"model.fit.patience must be >= 1, got {patience}")
+        if getattr(model, "supervised", False) and anomalies is None:
+            raise ConfigError(
+                f"{type(model).__name__} is supervised: set model.fit.anomalies (synthetic defects)"
+            )
+        self.optimizer_factory = optimizer
+        self.patience = patience
+        self.min_delta = min_delta
+        self.anomalies = anomalies
+        self.val_loss_history: list[float] = []  # mean held-out loss per epoch
+        self._val_loss = [0.0, 0]  # running sum, count
+
+    @property
+    def supervised(self) -> bool:
+        return getattr(self.model, "supervised", False)
+
+    def _loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        images = batch["image"]
+        if not self.supervised:
+            return self.model.loss(images)
+        masks = batch.get("mask")
+        masks = torch.zeros_like(images[:, :1]) if masks is None else masks.float()
+        if self.anomalies is not None:
+            pasted, new = self.anomalies(images, generator)
+            good = (batch["label"] == 0).view(-1, 1, 1, 1)  # real defects keep their own mask
+            images = torch.where(good, pasted, images)
+            masks = torch.where(good, torch.maximum(masks, new), masks)
+        return self.model.loss(images, masks)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True, on_epoch=True, batch_size=len(batch["image"]))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = HELDOUT) -> None:
+        super().validation_step(batch, batch_idx, dataloader_idx)
+        if dataloader_idx != HELDOUT:
+            return
+        generator = None
+        if self.anomalies is not None:
+            generator = torch.Generator().manual_seed(self.anomalies.seed + 1 + batch_idx)
+        loss = self._loss(batch, generator)
+        self._val_loss[0] += float(loss) * len(batch["image"])
+        self._val_loss[1] += len(batch["image"])
+        self.log(
+            MONITOR,
+            loss,
+            prog_bar=True,
+            on_epoch=True,
+            add_dataloader_idx=False,
+            batch_size=len(batch["image"]),
+        )
+
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        self._val_loss = [0.0, 0]
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        if self._val_loss[1]:
+            self.val_loss_history.append(self._val_loss[0] / self._val_loss[1])
+
+    def training_summary(self) -> dict[str, Any]:
+        """Epochs run, the best (checkpointed) epoch and the held-out loss curve, for results.json."""
+        history = self.val_loss_history
+        best = min(range(len(history)), key=history.__getitem__) if history else None
+        return {
+            "epochs": len(history),
+            "max_epochs": self.trainer.max_epochs,
+            "stopped_early": len(history) < (self.trainer.max_epochs or 0),
+            "best_epoch": None if best is None else best + 1,
+            "best_val_loss": None if best is None else history[best],
+            "val_loss_history": history,
+        }
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer_factory(self.model.parameters())
+
+    def configure_callbacks(self) -> list[Callback]:
+        """Early stopping and best-epoch checkpointing on the held-out loss (while fitting)."""
+        if self.trainer.state.fn != "fit":
+            return []
+        return [
+            EarlyStopping(monitor=MONITOR, patience=self.patience, min_delta=self.min_delta),
+            ModelCheckpoint(
+                dirpath=Path(self.trainer.default_root_dir) / "checkpoints",
+                filename=BEST,
+                monitor=MONITOR,
+                save_top_k=1,
+                enable_version_counter=False,
+            ),
+        ]

@@ -1,0 +1,109 @@
+"""Every model end to end through the same config, DataModule, metrics and results."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from defectlab.errors import ConfigError, DataError
+from defectlab.runner import build_job, run_evaluation, run_training
+
+from .test_train import FAST
+
+pytestmark = pytest.mark.e2e
+
+DATA = [o for o in FAST if not o.startswith("model.")]
+# Tiny networks and two epochs: the path, not the accuracy, is under test here.
+TRAINED = ["model.channels=4", "model.depth=2", "model.fit.max_epochs=2"]
+MODELS = {
+    "patchcore": ["model=patchcore", "model.target_embed_dim=256", "model.pretrain_embed_dim=256"],
+    "feature_knn": ["model=feature_knn"],
+    "cae": ["model=cae", "model.latent_dim=4", *TRAINED],
+    "unet": ["model=unet", *TRAINED],
+}
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_every_model_trains_tests_and_reproduces(model, make_cfg, synthetic_root, tmp_path):
+    run = tmp_path / "run"
+    overrides = [*DATA, *MODELS[model], f"data.root={synthetic_root}", "data.category=brick"]
+    results = run_training(make_cfg(*overrides, "eval.images.max_per_type=1", out=run))
+
+    assert results["model"] == model
+    metrics = results["metrics"]
+    assert 0 <= metrics["image_auroc"] <= 1 and metrics["image_f1"] is not None
+    localizes = model != "feature_knn"
+    assert results["localization"] is localizes
+    for key in ("pixel_auroc", "pixel_aupro", "pixel_f1"):
+        assert (metrics[key] is not None) is localizes, key
+    assert results["counts"]["test"] == 8 + 3 * 4
+    assert results["backbone"] == (
+        "efficientnet_lite0" if model in ("patchcore", "feature_knn") else None
+    )
+    assert (run / "checkpoints" / "model.ckpt").is_file()
+    assert len(list((run / "images" / "brick" / "hole").glob("*.png"))) == 1
+    assert json.loads((run / "results.json").read_text())["metrics"] == metrics
+
+    if model in ("cae", "unet"):
+        training = results["training"]
+        assert training["epochs"] == len(training["val_loss_history"]) == 2
+        best = training["best_epoch"]
+        assert training["best_val_loss"] == min(training["val_loss_history"])
+        assert training["val_loss_history"][best - 1] == training["best_val_loss"]
+        # The tested checkpoint is the best epoch's (Lightning stores the epoch index from 0).
+        ckpt = torch.load(run / "checkpoints" / "model.ckpt", weights_only=False)
+        assert ckpt["epoch"] == best - 1
+        assert not (run / "checkpoints" / "best.ckpt").exists()  # renamed, not copied
+
+    # The checkpoint alone reproduces every metric in a new folder.
+    evaluated = run_evaluation(make_cfg(f"run_dir={run}", config="evaluate", out=tmp_path / "ev"))
+    assert evaluated["reproduces"]["max_abs_diff"] <= 1e-6
+
+
+def test_unet_with_real_labelled_defects_reports_and_removes_them(
+    make_cfg, synthetic_root, tmp_path
+):
+    overrides = [*DATA, *MODELS["unet"], f"data.root={synthetic_root}", "data.category=grass"]
+    results = run_training(make_cfg(*overrides, "data.labeled_anomalies=1"))
+    assert results["counts"]["labeled_anomalies"] == {"hole": 1, "scratch": 1, "stain": 1}
+    assert results["counts"]["train"] == 22 + 3  # fit slice of train/good + the moved defects
+    assert results["counts"]["test"] == 8 + 3 * 3
+    predictions = json.loads((tmp_path / "predictions.json").read_text())
+    assert len({p["path"] for p in predictions}) == 17  # the moved images are not tested
+    for defect_type in ("hole", "scratch", "stain"):
+        assert sum(p["defect_type"] == defect_type for p in predictions) == 3
+
+
+def test_labelled_defects_are_refused_where_they_would_be_wrong(make_cfg, synthetic_root, tmp_path):
+    base = [*DATA, f"data.root={synthetic_root}", "data.category=grass"]
+    for model in ("patchcore", "cae"):  # unsupervised: defects must never enter their training
+        with pytest.raises(ConfigError, match="data.labeled_anomalies"):
+            build_job(make_cfg(*base, *MODELS[model], "data.labeled_anomalies=1"), tmp_path)
+    with pytest.raises(DataError, match="at least one per type must stay"):
+        job = build_job(make_cfg(*base, *MODELS["unet"], "data.labeled_anomalies=4"), tmp_path)
+        job.datamodule.setup()
+
+    no_masks = tmp_path / "nomasks"
+    shutil.copytree(synthetic_root / "grass", no_masks / "grass")
+    shutil.rmtree(no_masks / "grass" / "ground_truth")
+    overrides = [*DATA, *MODELS["unet"], f"data.root={no_masks}", "data.category=grass"]
+    with pytest.raises(DataError, match="needs defect masks"):
+        job = build_job(make_cfg(*overrides, "data.labeled_anomalies=1"), tmp_path)
+        job.datamodule.setup()
+
+
+def test_trained_models_need_a_held_out_slice(make_cfg, tmp_path):
+    with pytest.raises(ConfigError, match="data.val_ratio must be > 0"):
+        build_job(make_cfg(*DATA, *MODELS["cae"], "data.val_ratio=0"), tmp_path)
+
+
+def test_presets_and_vit_compose(make_cfg):
+    cae = make_cfg("experiment=cae_fast")
+    assert (cae.model_name, cae.data.image_size, cae.trainer.max_epochs) == ("cae", 128, 30)
+    unet = make_cfg("experiment=unet_fast", "data=synthetic")
+    assert unet.model_name == "unet" and unet.model.fit.anomalies.kinds
+    assert unet.data.image_size == 128 and unet.data.root.endswith("synthetic")
+    assert make_cfg().trainer.max_epochs == 1  # memory banks: one pass
+    vit = make_cfg("backbone=vit_base_patch16_224", "model=feature_knn", "model.pooling=cls")
+    assert vit.model.extractor.kwargs.dynamic_img_size is True
