@@ -83,3 +83,30 @@ def test_weights_of_another_architecture_are_rejected(tmp_path):
         FeatureExtractor("resnet50", ["layer2"], weights=str(path))
     with pytest.raises(BackboneWeightsError, match="file not found"):
         FeatureExtractor("resnet18", ["layer2"], weights=str(tmp_path / "missing.pth"))
+
+
+def test_vit_weights_file_patch_tokens_and_class_token(tmp_path):
+    """A timm ViT state dict loads offline; feature maps are patch tokens, CLS comes separately."""
+    reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, dynamic_img_size=True)
+    path = tmp_path / "vit.pth"
+    torch.save(reference.state_dict(), path)
+    ext = FeatureExtractor(
+        "vit_tiny_patch16_224",
+        ["blocks.5", "blocks.11"],  # any block: not only the last three timm exposes by default
+        weights=str(path),
+        mean=[0.5] * 3,
+        std=[0.5] * 3,
+        kwargs={"dynamic_img_size": True},
+    )
+    x = torch.rand(2, 3, 64, 64)
+    assert [f.shape for f in ext(x)] == [(2, 192, 4, 4)] * 2  # any size divisible by 16
+    expected = reference.eval().forward_intermediates(
+        (x - 0.5) / 0.5, indices=[5, 11], intermediates_only=True, return_prefix_tokens=True
+    )
+    for got, (_, prefix) in zip(ext.class_tokens(x), expected, strict=True):
+        torch.testing.assert_close(got, prefix[:, 0])
+    assert ext.has_class_token
+    cnn = FeatureExtractor("resnet18", ["layer2"], pretrained=False)
+    assert not cnn.has_class_token
+    with pytest.raises(ConfigError, match="no CLS token"):
+        cnn.class_tokens(x)

@@ -84,3 +84,14 @@ def test_feature_knn_end_to_end_reports_pixel_metrics_as_not_applicable(
     assert restored.model.predict(batch["image"]).score.tolist() == pytest.approx(
         [expected[p] for p in batch["path"]], rel=1e-5
     )
+
+
+def test_cls_pooling_uses_the_vit_class_token_and_is_refused_for_cnns():
+    vit = FeatureExtractor(
+        "vit_tiny_patch16_224", ["blocks.11"], pretrained=False, kwargs={"dynamic_img_size": True}
+    )
+    model = FeatureKNN(vit, NearestNeighbors("torch"), k=1, pooling="cls")
+    images = torch.rand(3, 3, 32, 32)
+    torch.testing.assert_close(model.embed(images), vit.class_tokens(images)[0])
+    with pytest.raises(ConfigError, match="model.pooling=cls needs a ViT"):
+        _model(pooling="cls")
