@@ -7,16 +7,37 @@ Examples:
     python train.py -m data.category=mono,poly        # one job per category under multirun/
 """
 
+import logging
+import math
+from pathlib import Path
+
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from defectlab.runner import run_training
+from defectlab.sweep import record_failure
+
+log = logging.getLogger(__name__)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Run the job and return the optimized metric (for Hydra sweepers)."""
-    return run_training(cfg)["metrics"].get(cfg.optimized_metric)
+    """Run the job and return the optimized metric (for Hydra sweepers).
+
+    In a multirun a failing job (bad category, out of memory, ...) is recorded in its folder and
+    in the sweep summary, and returns NaN, so the other jobs run and keep their results; a single
+    run raises as usual.
+    """
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        return run_training(cfg)["metrics"].get(cfg.optimized_metric)
+    try:
+        return run_training(cfg)["metrics"].get(cfg.optimized_metric)
+    except Exception as err:  # any failure of this job must not end the sweep
+        record_failure(Path(cfg.paths.output_dir), cfg, err)
+        log.exception("job failed; recorded in %s/results.json", cfg.paths.output_dir)
+        return math.nan
 
 
 if __name__ == "__main__":

@@ -179,6 +179,7 @@ def test_and_report(job: Job, ckpt: Path, extra: dict[str, Any]) -> dict[str, An
     n_test = len(job.datamodule.test_set)
     bank = getattr(system.model, "memory_bank", None)
     results = {
+        "status": "completed",
         "category": category,
         "data": cfg.data_name,
         "model": cfg.model_name,

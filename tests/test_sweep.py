@@ -1,0 +1,105 @@
+"""Multiruns: parallel jobs with the joblib launcher, a failing job, the sweep summary."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+from defectlab.datasets import SyntheticPreparer
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def uneven_root(tmp_path_factory):
+    """brick has 24 train images; grass only 10, too few to hold out 95 % of them."""
+    root = tmp_path_factory.mktemp("uneven")
+    common = dict(image_size=64, num_test_good=4, num_test_defect=2)
+    SyntheticPreparer(categories=("brick",), num_train=24, **common)(root)
+    SyntheticPreparer(categories=("grass",), num_train=10, **common)(root)
+    return root
+
+
+def _run(args, cwd=ROOT):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    return subprocess.run(
+        [sys.executable, "train.py", *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
+
+
+def test_joblib_multirun_keeps_going_past_a_failed_job_and_writes_the_summary(
+    uneven_root, tmp_path
+):
+    sweep = tmp_path / "sweep"
+    proc = _run(
+        [
+            "-m",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+            f"hydra.sweep.dir={sweep}",
+            "data=synthetic",
+            "data.prepare=null",
+            f"data.root={uneven_root}",
+            "data.image_size=64",
+            "model=feature_knn",
+            "logger=none",
+            "eval.images.max_per_type=0",
+            "eval.plots=false",
+            "data.category=brick,grass",
+            "data.val_ratio=0.1,0.95",  # grass at 0.95 holds out all 10 images: that job fails
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sweep summary: 3/4 jobs completed" in proc.stdout
+
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    jobs = [r for r in rows if r["kind"] == "job"]
+    assert len(jobs) == 4
+    by_setting = {(r["data.category"], r["data.val_ratio"]): r for r in jobs}
+    failed = by_setting[("grass", "0.95")]
+    assert failed["status"] == "failed" and "too few to hold out" in failed["error"]
+    for key in [("brick", "0.1"), ("grass", "0.1"), ("brick", "0.95")]:
+        row = by_setting[key]
+        assert row["status"] == "completed", row
+        assert 0 <= float(row["image_auroc"]) <= 1 and float(row["fit_s"]) > 0
+        assert (sweep / row["job"] / "results.json").is_file()
+        assert (sweep / row["job"] / "checkpoints" / "model.ckpt").is_file()
+
+    means = {r["data.val_ratio"]: r for r in rows if r["kind"] == "mean"}
+    assert means["0.1"]["data.category"] == "mean of 2"
+    expected = (
+        float(by_setting[("brick", "0.1")]["image_auroc"])
+        + float(by_setting[("grass", "0.1")]["image_auroc"])
+    ) / 2
+    assert float(means["0.1"]["image_auroc"]) == pytest.approx(expected)
+    assert means["0.95"]["status"] == "1 completed"
+    markdown = (sweep / "summary.md").read_text()
+    assert "Failed or missing jobs" in markdown and "too few to hold out" in markdown
+
+
+def test_single_run_still_fails_loudly(uneven_root, tmp_path):
+    proc = _run(
+        [
+            f"hydra.run.dir={tmp_path / 'run'}",
+            "data=synthetic",
+            "data.prepare=null",
+            f"data.root={uneven_root}",
+            "data.category=nosuch",
+            "logger=none",
+        ]
+    )
+    assert proc.returncode != 0 and "data.category=nosuch" in proc.stderr
+
+
+def test_sweep_and_launcher_presets_compose(tmp_path):
+    for args, expected in [
+        (["sweep=mvtec_all", "data.root=/x"], "zipper"),
+        (["hydra/launcher=slurm"], "SlurmLauncher"),
+        (["hydra/launcher=joblib"], "JoblibLauncher"),
+    ]:
+        proc = _run([*args, "--cfg", "hydra"])
+        assert proc.returncode == 0 and expected in proc.stdout, proc.stderr[-2000:]
