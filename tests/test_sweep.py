@@ -1,15 +1,18 @@
 """Multiruns: parallel jobs with the joblib launcher, a failing job, the sweep summary."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from defectlab.datasets import SyntheticPreparer
 
 from .conftest import ROOT
+from .wandb_offline import read_run
 
 pytestmark = pytest.mark.e2e
 
@@ -103,3 +106,31 @@ def test_sweep_and_launcher_presets_compose(tmp_path):
     ]:
         proc = _run([*args, "--cfg", "hydra"])
         assert proc.returncode == 0 and expected in proc.stdout, proc.stderr[-2000:]
+
+
+def test_wandb_groups_the_jobs_of_a_sweep_and_tensorboard_works(uneven_root, tmp_path):
+    common = [
+        "data=synthetic",
+        "data.prepare=null",
+        f"data.root={uneven_root}",
+        "data.category=brick",
+        "data.image_size=64",
+        "model=feature_knn",
+        "eval.images.max_per_type=1",
+    ]
+    sweep = tmp_path / "sweep"
+    proc = _run(["-m", f"hydra.sweep.dir={sweep}", *common, "logger=wandb", "model.k=1,3"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [read_run(next((sweep / job / "wandb").glob("offline-run-*"))) for job in ("0", "1")]
+    assert {r["group"] for r in runs} == {f"{tmp_path.name}_sweep"}  # one group per sweep
+    assert [r["config"]["model"]["k"] for r in runs] == [1, 3]  # one wandb run per job
+    assert all(r["job_type"] == "feature_knn" for r in runs)
+
+    run = tmp_path / "tb"
+    proc = _run([f"hydra.run.dir={run}", *common, "logger=tensorboard"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    accumulator = EventAccumulator(str(run / "tensorboard")).Reload()
+    results = json.loads((run / "results.json").read_text())
+    (event,) = accumulator.Scalars("test/image_auroc")
+    assert event.value == pytest.approx(results["metrics"]["image_auroc"])
+    assert "timing/fit_s" in accumulator.Tags()["scalars"]

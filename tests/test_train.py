@@ -18,6 +18,7 @@ from defectlab.runner import build, build_job, run_training
 from defectlab.systems import MemoryBankSystem
 
 from .conftest import ROOT
+from .wandb_offline import read_run
 
 pytestmark = pytest.mark.e2e
 
@@ -158,6 +159,23 @@ def test_train_cli_with_wandb_offline(synthetic_root, tmp_path):
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     assert list(runs[0].glob("files/media/images/plots/roc*.png"))  # plots reach the logger
+    assert f"wandb sync {runs[0]}" in proc.stdout  # says how to upload later
+
+    # What the run file holds: every test metric, costs, the per-type table, example panels.
+    logged = read_run(runs[0])
+    summary = logged["summary"]
+    for key, value in results["metrics"].items():
+        assert summary[f"test/{key}"] == pytest.approx(value), key
+    assert summary["timing/fit_s"] == pytest.approx(results["timing"]["fit_s"])
+    assert summary["memory/peak_rss_mb"] > 0
+    assert (
+        summary["per_defect_type/_type"] == "table-file" and summary["per_defect_type/nrows"] == 4
+    )
+    assert summary["examples/hole/count"] >= 1 and summary["examples/hole/_type"].startswith(
+        "images"
+    )
+    assert logged["job_type"] == "patchcore" and logged["group"] == ""  # single run: no group
+    assert logged["config"]["model"]["k"] == 1 and logged["config"]["data"]["category"] == "grass"
 
     # evaluate.py on the run folder: a new folder, the same metrics.
     ev = tmp_path / "ev"

@@ -17,6 +17,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from defectlab.callbacks import AnomalyImageWriter
 from defectlab.errors import ConfigError, DefectlabError
+from defectlab.experiment_log import finish, log_run
 from defectlab.results import (
     compare_metrics,
     format_summary,
@@ -214,13 +215,11 @@ def test_and_report(job: Job, ckpt: Path, extra: dict[str, Any]) -> dict[str, An
         "images": {"folder": str(job.image_writer.folder), "written": job.image_writer.count},
         **extra,
     }
+    plots = {}
     if cfg.eval.plots:
         plots = save_run_plots(system.test_outputs, tested, job.out_dir / "plots")
         results["plots"] = {k: str(v) for k, v in plots.items()}
-        for logger in job.trainer.loggers:
-            if hasattr(logger, "log_image"):  # e.g. wandb; CSV has no image support
-                for name, path in plots.items():
-                    logger.log_image(key=f"plots/{name}", images=[str(path)])
+    log_run(job.trainer.loggers, cfg, results, plots, job.image_writer.folder)
     write_json_atomic(job.out_dir / "results.json", results)
     write_json_atomic(job.out_dir / "predictions.json", tested["predictions"])
     return results
@@ -257,6 +256,7 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
             },
         },
     )
+    finish(job.trainer.loggers)
     print(format_summary(results))
     print(f"results: {job.out_dir / 'results.json'}")
     return results
@@ -309,6 +309,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         results["reproduces"] = {"results": str(reference.resolve()), "max_abs_diff": diff}
         write_json_atomic(out_dir / "results.json", results)
         print(f"matches {reference}: max |difference| over all metrics = {diff:.3g}")
+    finish(job.trainer.loggers)
     print(format_summary(results))
     print(f"results: {out_dir / 'results.json'}")
     return results
