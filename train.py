@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from defectlab.runner import run_training
+from defectlab.runner import optimized_value, run_training
 from defectlab.sweep import record_failure
 
 log = logging.getLogger(__name__)
@@ -31,9 +31,9 @@ def main(cfg: DictConfig) -> float | None:
     run raises as usual.
     """
     if HydraConfig.get().mode != RunMode.MULTIRUN:
-        return run_training(cfg)["metrics"].get(cfg.optimized_metric)
+        return optimized_value(run_training(cfg), cfg.optimized_metric)
     try:
-        return run_training(cfg)["metrics"].get(cfg.optimized_metric)
+        return optimized_value(run_training(cfg), cfg.optimized_metric)
     except Exception as err:  # any failure of this job must not end the sweep
         record_failure(Path(cfg.paths.output_dir), cfg, err)
         log.exception("job failed; recorded in %s/results.json", cfg.paths.output_dir)

@@ -71,12 +71,15 @@ def test_evaluate_needs_exactly_one_source(make_cfg, tmp_path):
 
 
 def test_poisoned_test_set_does_not_move_thresholds(make_cfg, synthetic_root, tmp_path):
-    """Replace every test image by noise and add more: calibration must not change at all."""
+    """Replace every test image by noise and add more: calibration and validation metrics
+    (what hyper-parameter searches optimise) must not change at all."""
     clean = tmp_path / "clean"
     shutil.copytree(synthetic_root / "brick", clean / "brick")
+    val = "eval.validation_anomalies={_target_:defectlab.components.SyntheticAnomalies,probability:1.0}"
     a = run_training(
-        make_cfg(*FAST, f"data.root={clean}", "data.category=brick", out=tmp_path / "a")
+        make_cfg(*FAST, val, f"data.root={clean}", "data.category=brick", out=tmp_path / "a")
     )
+    assert a["validation"]["val_synthetic_auroc"] > 0.9  # pasted defects score above clean images
 
     poisoned = tmp_path / "poisoned"
     shutil.copytree(clean / "brick", poisoned / "brick")
@@ -89,9 +92,10 @@ def test_poisoned_test_set_does_not_move_thresholds(make_cfg, synthetic_root, tm
             poisoned / "brick" / "test" / "good" / f"extra_{i}.png"
         )
     b = run_training(
-        make_cfg(*FAST, f"data.root={poisoned}", "data.category=brick", out=tmp_path / "b")
+        make_cfg(*FAST, val, f"data.root={poisoned}", "data.category=brick", out=tmp_path / "b")
     )
     assert b["threshold"] == a["threshold"]  # thresholds and normalisation statistics
+    assert b["validation"] == a["validation"]
     assert b["counts"]["test"] == a["counts"]["test"] + 20
     assert b["metrics"]["image_auroc"] != a["metrics"]["image_auroc"]
 

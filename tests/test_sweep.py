@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from defectlab.datasets import SyntheticPreparer
@@ -134,3 +135,36 @@ def test_wandb_groups_the_jobs_of_a_sweep_and_tensorboard_works(uneven_root, tmp
     (event,) = accumulator.Scalars("test/image_auroc")
     assert event.value == pytest.approx(results["metrics"]["image_auroc"])
     assert "timing/fit_s" in accumulator.Tags()["scalars"]
+
+
+def test_optuna_search_maximises_the_validation_metric_not_a_test_metric(uneven_root, tmp_path):
+    sweep = tmp_path / "optuna"
+    proc = _run(
+        [
+            "hparams_search=patchcore_optuna",
+            "hydra.sweeper.n_trials=2",
+            f"hydra.sweep.dir={sweep}",
+            "data=synthetic",
+            "data.prepare=null",
+            f"data.root={uneven_root}",
+            "data.category=brick",
+            "model.target_embed_dim=128",
+            "model.pretrain_embed_dim=128",
+            "logger=none",
+            "eval.images.max_per_type=0",
+            "eval.plots=false",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    best = OmegaConf.load(sweep / "optimization_results.yaml")
+    trials = [json.loads((sweep / j / "results.json").read_text()) for j in ("0", "1")]
+    values = [t["validation"]["val_synthetic_auroc"] for t in trials]
+    assert best.best_value == pytest.approx(max(values))
+    assert set(best.best_params) == {
+        "sampler.ratio",
+        "model.k",
+        "model.blur_sigma",
+        "data.image_size",
+    }
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert sum(r["kind"] == "job" and r["status"] == "completed" for r in rows) == 2

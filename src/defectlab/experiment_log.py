@@ -66,8 +66,14 @@ def log_run(
     images_folder: Path,
 ) -> None:
     """Send config, costs, tables, plots and example panels of a finished run to ``loggers``."""
-    config = OmegaConf.to_container(cfg, resolve=True)
-    config.pop("hydra", None)
+    # Key by key: the composed hydra node has interpolations that only resolve inside Hydra's run.
+    config = {
+        key: OmegaConf.to_container(cfg[key], resolve=True)
+        if OmegaConf.is_config(cfg[key])
+        else cfg[key]
+        for key in cfg
+        if key != "hydra"
+    }
     rows = [
         [name, *(row.get(c) for c in TABLE_COLUMNS[1:])]
         for name, row in (results.get("per_defect_type") or {}).items()

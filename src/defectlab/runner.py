@@ -139,6 +139,11 @@ def build_job(cfg: DictConfig, out_dir: Path) -> Job:
             "max_fpr": cfg.eval.max_fpr,
             "bootstrap": OmegaConf.to_container(cfg.eval.bootstrap, resolve=True),
         },
+        validation_anomalies=(
+            build(cfg.eval.validation_anomalies)
+            if cfg.eval.get("validation_anomalies") is not None
+            else None
+        ),
     )
     trained = isinstance(system, TrainedSystem)
     if cfg.data.get("labeled_anomalies", 0) and not getattr(model, "supervised", False):
@@ -187,6 +192,8 @@ def test_and_report(job: Job, ckpt: Path, extra: dict[str, Any]) -> dict[str, An
         # CAE and U-Net learn their own features: the backbone config does not apply to them.
         "backbone": cfg.backbone_name if hasattr(system.model, "extractor") else None,
         "metrics": tested["metrics"],
+        # Held-out validation metrics (never the test set): what hyper-parameter searches optimise.
+        "validation": dict(system.validation_metrics),
         "confusion_matrix": tested["confusion_matrix"],
         "oracle": tested["oracle"],
         "localization": tested["localization"],
@@ -260,6 +267,18 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     print(format_summary(results))
     print(f"results: {job.out_dir / 'results.json'}")
     return results
+
+
+def optimized_value(results: dict[str, Any], key: str) -> float | None:
+    """The value of ``optimized_metric``: a test metric, or a ``val_*`` validation metric."""
+    if key in results.get("validation", {}):
+        return results["validation"][key]
+    if key.startswith("val_"):
+        raise ConfigError(
+            f"optimized_metric={key} was not computed: validation metrics need "
+            "eval.validation_anomalies (val_synthetic_auroc) or data.val_dir (val_image_auroc)"
+        )
+    return results["metrics"].get(key)
 
 
 def _locate(run_dir: str | None, ckpt_path: str | None) -> tuple[Path, Path | None]:

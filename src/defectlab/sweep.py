@@ -33,8 +33,10 @@ METRIC_COLUMNS = (
     "pixel_aupro",
     "pixel_f1",
 )
+VALIDATION_COLUMNS = ("val_synthetic_auroc", "val_image_auroc")
 COST_COLUMNS = ("fit_s", "test_s", "test_images_per_s", "peak_rss_mb")
 MARKDOWN_COLUMNS = (
+    "val_synthetic_auroc",
     "image_auroc",
     "image_f1",
     "pixel_auroc",
@@ -83,6 +85,7 @@ def job_row(job_dir: Path, sweep_overrides: set[str] | None = None) -> dict[str,
         return row | {"error": results.get("error")}
     metrics = results.get("metrics", {})
     row |= {k: metrics.get(k) for k in METRIC_COLUMNS}
+    row |= {k: results.get("validation", {}).get(k) for k in VALIDATION_COLUMNS}
     timing, memory = results.get("timing", {}), results.get("memory", {})
     row |= {k: timing.get(k) for k in ("fit_s", "test_s", "test_images_per_s")}
     row["peak_rss_mb"] = memory.get("peak_rss_mb")
@@ -101,7 +104,7 @@ def _mean(values: list[float]) -> float | None:
 def _aggregate(rows: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
     """Per setting (overrides minus category and seed): mean over categories of per-category means;
     per setting and category with several seeds: mean and std over seeds."""
-    numeric = (*METRIC_COLUMNS, *COST_COLUMNS)
+    numeric = (*METRIC_COLUMNS, *VALIDATION_COLUMNS, *COST_COLUMNS)
     setting_keys = [k for k in keys if k not in GROUPED_OUT]
     settings: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
@@ -149,7 +152,17 @@ def summarize_sweep(sweep_dir: str | Path) -> list[dict[str, Any]]:
     )
     rows = [job_row(d, set(keys)) for d in dirs]
     rows += _aggregate(rows, keys)
-    columns = ["job", "kind", "status", *keys, *METRIC_COLUMNS, *COST_COLUMNS, "overrides", "error"]
+    columns = [
+        "job",
+        "kind",
+        "status",
+        *keys,
+        *METRIC_COLUMNS,
+        *VALIDATION_COLUMNS,
+        *COST_COLUMNS,
+        "overrides",
+        "error",
+    ]
     with (sweep_dir / ".summary.csv.tmp").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()

@@ -11,10 +11,12 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
+from torchmetrics.functional.classification import binary_auroc
 
 from defectlab.components.calibration import Calibration
 from defectlab.errors import ConfigError
 from defectlab.metrics import ThresholdSpec, image_threshold, pixel_threshold, summarize
+from defectlab.metrics.image import both_classes, unit_interval
 
 # Frozen pretrained weights are rebuilt from the backbone config, so checkpoints skip them.
 FROZEN_PREFIX = "model.extractor.net."
@@ -47,6 +49,9 @@ class AnomalySystem(L.LightningModule):
         normalization: ``eval.normalization`` (``none``, ``minmax``, ``threshold``).
         evaluation: ``max_fpr`` (AUPRO limit) and ``bootstrap`` (``n_resamples``, ``confidence``,
             ``seed``) from ``eval``.
+        validation_anomalies: synthetic defects pasted onto the held-out good images; their
+            scores against the clean ones give ``val_synthetic_auroc``, a validation metric that
+            never touches the test set (hyper-parameter search). None = not computed.
     """
 
     def __init__(
@@ -55,9 +60,12 @@ class AnomalySystem(L.LightningModule):
         threshold: Mapping[str, Any] | None = None,
         normalization: str = "threshold",
         evaluation: Mapping[str, Any] | None = None,
+        validation_anomalies: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.model = model
+        self.validation_anomalies = validation_anomalies
+        self.validation_metrics: dict[str, float | None] = {}
         self.threshold_spec = ThresholdSpec(**(threshold or {}))
         self.calibration = Calibration(normalization)
         self.evaluation = _check_evaluation(evaluation or {})
@@ -83,6 +91,11 @@ class AnomalySystem(L.LightningModule):
             if "mask" in batch:
                 store["map"].append(amap)
                 store["mask"].append(batch["mask"].cpu())
+        elif self.validation_anomalies is not None:
+            # Fixed seed per batch: every epoch and every trial sees the same defects.
+            generator = torch.Generator().manual_seed(self.validation_anomalies.seed + batch_idx)
+            pasted, _ = self.validation_anomalies(batch["image"], generator)
+            store["synthetic_score"].append(self.model.predict(pasted).score.detach().cpu())
 
     def on_validation_epoch_end(self) -> None:
         if HELDOUT not in self._val:
@@ -99,6 +112,8 @@ class AnomalySystem(L.LightningModule):
             float(good["map_min"].min()),
             float(good["map_max"].max()),
         )
+        self.validation_metrics = self._validation_metrics(good, val)
+        self.log_dict({f"val/{k[4:]}": v for k, v in self.validation_metrics.items()})
         self.log_dict(
             {
                 "val/score_mean": float(good["score"].float().mean()),
@@ -106,6 +121,22 @@ class AnomalySystem(L.LightningModule):
                 "val/pixel_threshold": pix_thr,
             }
         )
+
+    @staticmethod
+    def _validation_metrics(good: dict, val: dict) -> dict[str, float]:
+        """Image AUROC on validation data only: synthetic defects and/or ``data.val_dir``."""
+        out = {}
+        if "synthetic_score" in good:
+            scores = torch.cat([good["score"], good["synthetic_score"]]).float()
+            labels = torch.cat(
+                [torch.zeros(len(good["score"])), torch.ones(len(good["synthetic_score"]))]
+            ).long()
+            # unit_interval: torchmetrics would squash scores outside [0, 1] with a sigmoid.
+            out["val_synthetic_auroc"] = float(binary_auroc(unit_interval(scores), labels))
+        if "label" in val and both_classes(val["label"], "validation"):
+            scores = unit_interval(val["score"].float())
+            out["val_image_auroc"] = float(binary_auroc(scores, val["label"].long()))
+        return out
 
     # -- test ------------------------------------------------------------------------------
     def on_test_epoch_start(self) -> None:
