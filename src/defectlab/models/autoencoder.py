@@ -8,6 +8,7 @@ from torch import nn
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from defectlab.components import AnomalyMapGenerator, MapScore
+from defectlab.components.shapes import check_divisible
 from defectlab.errors import ConfigError
 from defectlab.models.output import AnomalyOutput
 
@@ -86,18 +87,9 @@ class ConvAutoencoder(nn.Module):
         self.anomaly_map = AnomalyMapGenerator(blur_sigma)
         self.map_score = MapScore(score, topk)
 
-    def _check_size(self, images: torch.Tensor) -> None:
-        factor = 2**self.depth
-        h, w = images.shape[-2:]
-        if h % factor or w % factor:
-            raise ConfigError(
-                f"image size {h}x{w} is not divisible by 2**model.depth = {factor}: set "
-                f"data.image_size (and data.crop_size) to a multiple of {factor}"
-            )
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Reconstruct images ``(B, 3, H, W)`` in [0, 1]."""
-        self._check_size(images)
+        check_divisible(images, self.depth)
         return self.decoder(self.encoder(images))
 
     def loss(self, images: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectlab.components import AnomalyMapGenerator, MapScore
+from defectlab.components.shapes import check_divisible
 from defectlab.errors import ConfigError
 from defectlab.models.output import AnomalyOutput
 
@@ -73,12 +74,7 @@ class UNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Defect logits ``(B, 1, H, W)`` of images ``(B, 3, H, W)`` in [0, 1]."""
-        factor = 2**self.depth
-        if images.shape[-2] % factor or images.shape[-1] % factor:
-            raise ConfigError(
-                f"image size {tuple(images.shape[-2:])} is not divisible by 2**model.depth = "
-                f"{factor}: set data.image_size (and data.crop_size) to a multiple of {factor}"
-            )
+        check_divisible(images, self.depth)
         skips = []
         x = images
         for i, block in enumerate(self.down):
