@@ -92,7 +92,7 @@ class Job:
     image_writer: AnomalyImageWriter
 
 
-def _build_model(cfg: DictConfig) -> tuple[Any, dict[str, Any] | None]:
+def build_model(cfg: DictConfig) -> tuple[Any, dict[str, Any] | None]:
     """The pure torch model, and the built ``model.fit`` section of trained models.
 
     ``model.fit`` (optimizer, patience, synthetic anomalies) configures the Lightning system, not
@@ -129,7 +129,7 @@ def build_job(cfg: DictConfig, out_dir: Path) -> Job:
         raise ConfigError(
             f"{err.full_key} must be set, e.g. threshold=fixed threshold.value=12.5"
         ) from None
-    model, training = _build_model(cfg)
+    model, training = build_model(cfg)
     system = build_system(
         model,
         training,
@@ -281,7 +281,7 @@ def optimized_value(results: dict[str, Any], key: str) -> float | None:
     return results["metrics"].get(key)
 
 
-def _locate(run_dir: str | None, ckpt_path: str | None) -> tuple[Path, Path | None]:
+def locate_checkpoint(run_dir: str | None, ckpt_path: str | None) -> tuple[Path, Path | None]:
     if (run_dir is None) == (ckpt_path is None):
         raise ConfigError(
             "give exactly one of run_dir=<train run folder> or ckpt_path=<model.ckpt>"
@@ -305,7 +305,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     ``cfg.data.*`` values that are not null override the run's data config, to score another
     root or category with the same model. Nothing in the training run folder is modified.
     """
-    ckpt, reference = _locate(cfg.run_dir, cfg.ckpt_path)
+    ckpt, reference = locate_checkpoint(cfg.run_dir, cfg.ckpt_path)
     # mmap: only the small config entry is read here; trainer.test loads the tensors later.
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
     snapshot = checkpoint.get("defectlab_config")

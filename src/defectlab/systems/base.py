@@ -235,6 +235,7 @@ class AnomalySystem(L.LightningModule):
             "score_normalized": self.calibration.normalize_score(out.score),
             "is_defective": self.calibration.is_defective(out.score),
             "anomaly_map": self.calibration.normalize_map(out.anomaly_map),
+            "anomaly_map_raw": out.anomaly_map,
             "segmentation": self.calibration.segment(out.anomaly_map),
         }
 
