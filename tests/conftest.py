@@ -48,3 +48,21 @@ def make_cfg(tmp_path):
         return cfg
 
     return _make
+
+
+@pytest.fixture(scope="session")
+def trained_run(synthetic_root, tmp_path_factory):
+    """A PatchCore run on synthetic brick (96 px), trained once for the tests that consume runs."""
+    from defectlab.runner import run_training
+
+    from .test_train import FAST
+
+    run = tmp_path_factory.mktemp("run")
+    overrides = [f"paths.output_dir={run}", *FAST, f"data.root={synthetic_root}"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            "train", overrides=[*overrides, "data.category=brick"], return_hydra_config=True
+        )
+    HydraConfig.instance().set_config(cfg)
+    run_training(cfg)
+    return run

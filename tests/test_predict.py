@@ -10,29 +10,8 @@ import pytest
 
 from defectlab.errors import ConfigError
 from defectlab.inference import run_prediction
-from defectlab.runner import run_training
-
-from .test_train import FAST
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def trained_run(synthetic_root, tmp_path_factory):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-
-    from .conftest import CONF
-
-    run = tmp_path_factory.mktemp("run")
-    overrides = [f"paths.output_dir={run}", *FAST, f"data.root={synthetic_root}"]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(
-            "train", overrides=[*overrides, "data.category=brick"], return_hydra_config=True
-        )
-    HydraConfig.instance().set_config(cfg)
-    run_training(cfg)
-    return run
 
 
 def _expected(run):

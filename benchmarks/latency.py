@@ -1,0 +1,111 @@
+"""Inference latency of trained runs: batch-1 p50/p95 and batch-N throughput.
+
+    python benchmarks/latency.py outputs/<run> [outputs/<other run> ...] [--batch 32] [--repeats 50]
+
+Scores real images of each run's own test set through the deployable path (``predict.py``'s
+Predictor: pre-processing, model, normalisation, verdict), after warm-up, on the GPU when one is
+present (``--device cpu`` to force the CPU). Writes ``latency.json`` and ``latency.md`` into
+``--out`` (default ``benchmarks/results``) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from defectlab.data import scan_category
+from defectlab.inference import Predictor
+from defectlab.runner import CHECKPOINT
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(run_dir: Path, batch: int, repeats: int, device: str) -> dict:
+    """Latency and throughput of one run on its own test images (repeated to fill a batch)."""
+    predictor = Predictor.from_checkpoint(run_dir / CHECKPOINT, device)
+    cfg = predictor.run_config
+    index = scan_category(cfg.data.root, cfg.data.category)
+    paths = [s.path for s in index.test][: max(batch, 8)]
+    images = torch.stack([predictor.load(p) for p in paths])
+    images = images.repeat((batch + len(images) - 1) // len(images), 1, 1, 1)[:batch]
+    names = [str(p) for p in paths]
+
+    for _ in range(3):  # warm-up: allocator, cuDNN autotuning, faiss index
+        predictor.score(images[:1], names[:1])
+    single = []
+    for i in range(repeats):
+        _sync(predictor.device)
+        start = time.perf_counter()
+        predictor.score(images[i % len(images)][None], names[:1])
+        _sync(predictor.device)
+        single.append(time.perf_counter() - start)
+    predictor.score(images, names)  # warm-up at batch size
+    rounds = max(3, repeats // 10)
+    _sync(predictor.device)
+    start = time.perf_counter()
+    for _ in range(rounds):
+        predictor.score(images, names)
+    _sync(predictor.device)
+    elapsed = time.perf_counter() - start
+    q = statistics.quantiles(single, n=20)  # 5 % steps: q[9] = p50, q[18] = p95
+    return {
+        "run": str(run_dir),
+        "model": cfg.get("model_name"),
+        "backbone": cfg.get("backbone_name")
+        if hasattr(predictor.system.model, "extractor")
+        else None,
+        "image_size": cfg.data.image_size,
+        "device": str(predictor.device),
+        "batch1_p50_ms": 1000 * q[9],
+        "batch1_p95_ms": 1000 * q[18],
+        "batch": batch,
+        "batch_images_per_s": rounds * batch / elapsed,
+    }
+
+
+def to_markdown(rows: list[dict]) -> str:
+    head = "| model | backbone | px | device | batch-1 p50 ms | batch-1 p95 ms | batch | images/s |"
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['backbone'] or '–'} | {r['image_size']} | {r['device']} | "
+            f"{r['batch1_p50_ms']:.1f} | {r['batch1_p95_ms']:.1f} | {r['batch']} | "
+            f"{r['batch_images_per_s']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="train.py run folders")
+    parser.add_argument("--batch", type=int, default=32, help="batch size of the throughput test")
+    parser.add_argument("--repeats", type=int, default=50, help="batch-1 timings per run")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    rows = [measure(run, args.batch, args.repeats, args.device) for run in args.runs]
+    args.out.mkdir(parents=True, exist_ok=True)
+    machine = {
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+    }
+    (args.out / "latency.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+    table = to_markdown(rows)
+    (args.out / "latency.md").write_text(f"Machine: {machine}\n\n{table}")
+    print(table)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
