@@ -24,6 +24,17 @@ from omegaconf import OmegaConf
 from defectlab.results import read_json
 from defectlab.sweep import GROUPED_OUT
 
+# Overrides that change where or how a run reports, not what the method is.
+NOT_METHOD = (
+    "hydra",
+    "paths.",
+    "logger",
+    "data.root",
+    "data.prepare",
+    "trainer.enable_progress_bar",
+    "eval.images",
+    "eval.plots",
+)
 RUN_COLUMNS = (
     "method",
     "data",
@@ -50,7 +61,7 @@ def _method(results: dict[str, Any], folder: Path) -> str:
             o
             for o in OmegaConf.load(overrides_file)
             if o.partition("=")[0].lstrip("+~") not in (*GROUPED_OUT, "model", "backbone")
-            and not o.startswith(("hydra", "paths.", "logger", "data.root", "data.prepare"))
+            and not o.startswith(NOT_METHOD)
         ]
         if extra:
             name += " " + " ".join(extra)
