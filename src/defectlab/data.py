@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +154,11 @@ def load_image(path: Path) -> Image.Image:
         ) from err
 
 
+def image_tensor(pil: Image.Image) -> tv_tensors.Image:
+    """``(3, H, W)`` uint8 tensor of an RGB PIL image, ready for :func:`build_transform`."""
+    return tv_tensors.Image(torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1))
+
+
 def load_mask(path: Path, size: tuple[int, int], image_path: Path) -> np.ndarray:
     """Binary mask (any non-zero pixel is defective) of the image's size, or raise DataError."""
     try:
@@ -198,7 +204,7 @@ class AnomalyDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         s = self.samples[index]
         pil = load_image(s.path)
-        image = tv_tensors.Image(torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1))
+        image = image_tensor(pil)
         item = {"label": s.label, "defect_type": s.defect_type, "path": str(s.path)}
         if not self.with_masks:
             item["image"] = self.transform(image)
@@ -243,8 +249,6 @@ def take_labeled(test: list[Sample], per_type: int, seed: int) -> tuple[list[Sam
 
     Returns ``(moved, remaining_test)``. At least one image of each type stays in the test set.
     """
-    if per_type < 0:
-        raise ConfigError(f"data.labeled_anomalies must be >= 0, got {per_type}")
     by_type: dict[str, list[Sample]] = {}
     for s in test:
         if s.label == 1:
@@ -336,8 +340,7 @@ class AnomalyDataModule(L.LightningDataModule):
                     f"{self.root / self.category}/ground_truth does not exist"
                 )
             labeled, test = take_labeled(test, self.labeled_anomalies, self.seed)
-            for s in labeled:
-                self.labeled_counts[s.defect_type] = self.labeled_counts.get(s.defect_type, 0) + 1
+            self.labeled_counts = dict(Counter(s.defect_type for s in labeled))
         self.fit_set = AnomalyDataset(fit + labeled, self.transform, with_masks=bool(labeled))
         self.val_set = AnomalyDataset(val, self.transform, with_masks=False)
         self.test_set = AnomalyDataset(test, self.transform, with_masks=masks)

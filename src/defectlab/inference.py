@@ -17,15 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
-from torchvision import tv_tensors
+from omegaconf import DictConfig
 
-from defectlab.data import IMAGE_EXTENSIONS, build_transform, load_image
+from defectlab.data import IMAGE_EXTENSIONS, build_transform, image_tensor, load_image
 from defectlab.errors import ConfigError, DataError
 from defectlab.results import write_json_atomic
-from defectlab.runner import build_model, locate_checkpoint
+from defectlab.runner import build_model, checkpoint_config, locate_checkpoint
 from defectlab.systems import AnomalySystem, build_system
 from defectlab.visualize import image_panel
 
@@ -48,10 +46,7 @@ class Predictor:
         if not ckpt.is_file():
             raise ConfigError(f"no checkpoint at {ckpt}: point run_dir= at a train.py run folder")
         checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
-        snapshot = checkpoint.get("defectlab_config")
-        if snapshot is None:
-            raise ConfigError(f"{ckpt} holds no defectlab_config: it was not written by train.py")
-        cfg = OmegaConf.create(snapshot)
+        cfg = checkpoint_config(checkpoint, ckpt)
         model, training = build_model(cfg)
         system = build_system(model, training, normalization=cfg.eval.normalization)
         system.on_load_checkpoint(checkpoint)  # checks the backbone, restores frozen weights
@@ -64,9 +59,7 @@ class Predictor:
 
     def load(self, path: Path) -> torch.Tensor:
         """``(3, H, W)`` float image as the model saw its training data (raises DataError)."""
-        pil = load_image(path)
-        image = tv_tensors.Image(torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1))
-        return self.transform(image)
+        return self.transform(image_tensor(load_image(path)))
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, paths: list[str]) -> dict[str, Any]:
@@ -134,7 +127,6 @@ class PredictionWriter:
             out = self.predictor.score(torch.stack(images), [str(p) for p in good])
         except RuntimeError as err:  # e.g. images of different sizes after a bad crop config
             raise DataError(f"could not score {[str(p) for p in good]}: {err}") from err
-        system = self.predictor.system
         for i, path in enumerate(good):
             row = {
                 "path": str(path),
@@ -144,12 +136,12 @@ class PredictionWriter:
             }
             self.add(row)
             if self.save_images:
-                self._panel(path, images[i], out, i, system, row)
+                self._panel(path, images[i], out, i, row)
         return len(good)
 
-    def _panel(self, path, image, out, i, system, row) -> None:
-        cal = system.calibration
-        localizes = system.localizes
+    def _panel(self, path, image, out, i, row) -> None:
+        system = self.predictor.system
+        cal, localizes = system.calibration, system.localizes
         panel = image_panel(
             (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy(),
             out["anomaly_map_raw"][i, 0].numpy() if localizes else None,

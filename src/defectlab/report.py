@@ -13,16 +13,14 @@ import base64
 import csv
 import html
 import io
-import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
-from omegaconf import OmegaConf
 
 from defectlab.results import read_json
-from defectlab.sweep import GROUPED_OUT
+from defectlab.sweep import GROUPED_OUT, mean_or_none, read_overrides
 
 # Overrides that change where or how a run reports, not what the method is.
 NOT_METHOD = (
@@ -35,14 +33,12 @@ NOT_METHOD = (
     "eval.images",
     "eval.plots",
 )
+TEST_METRICS = ("image_auroc", "image_f1", "pixel_auroc", "pixel_aupro")
 RUN_COLUMNS = (
     "method",
     "data",
     "category",
-    "image_auroc",
-    "image_f1",
-    "pixel_auroc",
-    "pixel_aupro",
+    *TEST_METRICS,
     "val_synthetic_auroc",
     "fit_s",
     "test_images_per_s",
@@ -55,17 +51,13 @@ def _method(results: dict[str, Any], folder: Path) -> str:
     name = results.get("model") or "?"
     if results.get("backbone"):
         name += f" [{results['backbone']}]"
-    overrides_file = folder / ".hydra" / "overrides.yaml"
-    if overrides_file.is_file():
-        extra = [
-            o
-            for o in OmegaConf.load(overrides_file)
-            if o.partition("=")[0].lstrip("+~") not in (*GROUPED_OUT, "model", "backbone")
-            and not o.startswith(NOT_METHOD)
-        ]
-        if extra:
-            name += " " + " ".join(extra)
-    return name
+    extra = [
+        o
+        for o in read_overrides(folder)
+        if o.partition("=")[0].lstrip("+~") not in (*GROUPED_OUT, "model", "backbone")
+        and not o.startswith(NOT_METHOD)
+    ]
+    return " ".join([name, *extra])
 
 
 def collect(folders: list[str | Path]) -> list[dict[str, Any]]:
@@ -82,8 +74,7 @@ def collect(folders: list[str | Path]) -> list[dict[str, Any]]:
                     "method": _method(results, path.parent),
                     "data": results.get("data"),
                     "category": results.get("category"),
-                    **{k: metrics.get(k) for k in ("image_auroc", "image_f1")},
-                    **{k: metrics.get(k) for k in ("pixel_auroc", "pixel_aupro")},
+                    **{k: metrics.get(k) for k in TEST_METRICS},
                     "val_synthetic_auroc": results.get("validation", {}).get("val_synthetic_auroc"),
                     "fit_s": timing.get("fit_s"),
                     "test_images_per_s": timing.get("test_images_per_s"),
@@ -92,11 +83,6 @@ def collect(folders: list[str | Path]) -> list[dict[str, Any]]:
                 }
             )
     return rows
-
-
-def _mean(values: list[Any]) -> float | None:
-    numbers = [v for v in values if v is not None]
-    return statistics.fmean(numbers) if numbers else None
 
 
 def leaderboard(rows: list[dict[str, Any]], metric: str = "image_auroc") -> dict[str, Any]:
@@ -108,17 +94,17 @@ def leaderboard(rows: list[dict[str, Any]], metric: str = "image_auroc") -> dict
     table = []
     for method, by_cat in cells.items():
         runs = [r for rs in by_cat.values() for r in rs]
-        per_cat = {c: _mean([r[metric] for r in by_cat.get(c, [])]) for c in categories}
+        per_cat = {c: mean_or_none([r[metric] for r in by_cat.get(c, [])]) for c in categories}
         table.append(
             {
                 "method": method,
                 "runs": len(runs),
                 **per_cat,
                 # Mean over the categories this method ran on (per-category means first).
-                "mean": _mean(list(per_cat.values())),
-                "pixel_aupro": _mean([r["pixel_aupro"] for r in runs]),
-                "test_images_per_s": _mean([r["test_images_per_s"] for r in runs]),
-                "fit_s": _mean([r["fit_s"] for r in runs]),
+                "mean": mean_or_none(list(per_cat.values())),
+                "pixel_aupro": mean_or_none([r["pixel_aupro"] for r in runs]),
+                "test_images_per_s": mean_or_none([r["test_images_per_s"] for r in runs]),
+                "fit_s": mean_or_none([r["fit_s"] for r in runs]),
             }
         )
     table.sort(key=lambda t: -1.0 if t["mean"] is None else -t["mean"])

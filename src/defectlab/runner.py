@@ -281,6 +281,14 @@ def optimized_value(results: dict[str, Any], key: str) -> float | None:
     return results["metrics"].get(key)
 
 
+def checkpoint_config(checkpoint: dict, ckpt: Path) -> DictConfig:
+    """The run config train.py embedded in a loaded checkpoint (ConfigError if there is none)."""
+    snapshot = checkpoint.get("defectlab_config")
+    if snapshot is None:
+        raise ConfigError(f"{ckpt} holds no defectlab_config: it was not written by train.py")
+    return OmegaConf.create(snapshot)
+
+
 def locate_checkpoint(run_dir: str | None, ckpt_path: str | None) -> tuple[Path, Path | None]:
     if (run_dir is None) == (ckpt_path is None):
         raise ConfigError(
@@ -308,10 +316,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     ckpt, reference = locate_checkpoint(cfg.run_dir, cfg.ckpt_path)
     # mmap: only the small config entry is read here; trainer.test loads the tensors later.
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
-    snapshot = checkpoint.get("defectlab_config")
-    if snapshot is None:
-        raise ConfigError(f"{ckpt} holds no defectlab_config: it was not written by train.py")
-    run_cfg = OmegaConf.create(snapshot)
+    run_cfg = checkpoint_config(checkpoint, ckpt)
     out_dir = Path(cfg.paths.output_dir)
     run_cfg.paths.output_dir = str(out_dir)
     overrides = {k: v for k, v in cfg.data.items() if v is not None}

@@ -62,14 +62,15 @@ def record_failure(out_dir: Path, cfg: DictConfig, err: BaseException) -> None:
     )
 
 
-def _overrides(job_dir: Path) -> list[str]:
+def read_overrides(job_dir: Path) -> list[str]:
+    """The command-line overrides of a Hydra job folder (``.hydra/overrides.yaml``)."""
     path = job_dir / ".hydra" / "overrides.yaml"
     return list(OmegaConf.load(path)) if path.is_file() else []
 
 
 def job_row(job_dir: Path, sweep_overrides: set[str] | None = None) -> dict[str, Any]:
     """One flat summary row of a job folder (``status: missing`` if it wrote no results)."""
-    overrides = _overrides(job_dir)
+    overrides = read_overrides(job_dir)
     row: dict[str, Any] = {"job": job_dir.name, "kind": "job"}
     for item in overrides:
         key, _, value = item.partition("=")
@@ -97,8 +98,10 @@ def _job_dirs(sweep_dir: Path) -> list[Path]:
     return sorted(dirs, key=lambda p: (len(p.name), p.name))  # 0, 1, ..., 10 in job order
 
 
-def _mean(values: list[float]) -> float | None:
-    return statistics.fmean(values) if values else None
+def mean_or_none(values: list[Any]) -> float | None:
+    """Mean of the values that are not None; None when there are none."""
+    numbers = [v for v in values if v is not None]
+    return statistics.fmean(numbers) if numbers else None
 
 
 def _aggregate(rows: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
@@ -116,7 +119,7 @@ def _aggregate(rows: list[dict[str, Any]], keys: list[str]) -> list[dict[str, An
         label = dict(zip(setting_keys, setting, strict=True))
         per_category = []
         for category, members in categories.items():
-            means = {k: _mean([m[k] for m in members if m.get(k) is not None]) for k in numeric}
+            means = {k: mean_or_none([m.get(k) for m in members]) for k in numeric}
             per_category.append(means)
             if len(members) > 1 and "seed" in keys:
                 base = {**label, "data.category": category, "status": f"{len(members)} seeds"}
@@ -128,7 +131,7 @@ def _aggregate(rows: list[dict[str, Any]], keys: list[str]) -> list[dict[str, An
                 }
                 out.append({**base, "kind": "std_over_seeds", **stds})
         n_jobs = sum(len(m) for m in categories.values())
-        means = {k: _mean([c[k] for c in per_category if c.get(k) is not None]) for k in numeric}
+        means = {k: mean_or_none([c[k] for c in per_category]) for k in numeric}
         out.append(
             {
                 **label,
@@ -146,7 +149,7 @@ def summarize_sweep(sweep_dir: str | Path) -> list[dict[str, Any]]:
     sweep_dir = Path(sweep_dir)
     dirs = _job_dirs(sweep_dir)
     # Columns for the overrides that differ between jobs (the sweep axes).
-    all_overrides = [dict(o.partition("=")[::2] for o in _overrides(d)) for d in dirs]
+    all_overrides = [dict(o.partition("=")[::2] for o in read_overrides(d)) for d in dirs]
     keys = sorted(
         k for k in set().union(*all_overrides) if len({o.get(k) for o in all_overrides}) > 1
     )

@@ -50,7 +50,7 @@ class TrainedSystem(AnomalySystem):
         super().__init__(model, **kwargs)
         if patience < 1:
             raise ConfigError(f"model.fit.patience must be >= 1, got {patience}")
-        if getattr(model, "supervised", False) and anomalies is None:
+        if self.supervised and anomalies is None:
             raise ConfigError(
                 f"{type(model).__name__} is supervised: set model.fit.anomalies (synthetic defects)"
             )
