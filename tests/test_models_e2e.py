@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from defectlab.errors import ConfigError, DataError
+from defectlab.export import export_run
 from defectlab.runner import build_job, run_evaluation, run_training
 
 from .test_train import FAST
@@ -59,6 +60,15 @@ def test_every_model_trains_tests_and_reproduces(model, make_cfg, synthetic_root
     # The checkpoint alone reproduces every metric in a new folder.
     evaluated = run_evaluation(make_cfg(f"run_dir={run}", config="evaluate", out=tmp_path / "ev"))
     assert evaluated["reproduces"]["max_abs_diff"] <= 1e-6
+
+    # ...and exports to one ONNX file that reproduces it (export_run raises beyond 1e-4).
+    exported = export_run(
+        make_cfg(
+            f"run_dir={run}", f"out_dir={tmp_path / 'onnx'}", "parity_images=4", config="export"
+        )
+    )
+    assert exported["model"] == model and exported["parity"]["images"] == 4
+    assert exported["parity"]["verdicts_equal"]
 
 
 def test_unet_with_real_labelled_defects_reports_and_removes_them(

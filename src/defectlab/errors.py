@@ -15,3 +15,7 @@ class ConfigError(DefectlabError, ValueError):
 
 class BackboneWeightsError(DefectlabError):
     """Backbone weights could not be found or do not fit the architecture."""
+
+
+class ExportError(DefectlabError):
+    """An exported model does not reproduce the trained one; nothing was written."""

@@ -60,7 +60,8 @@ class Calibration(nn.Module):
         self.pixel_min.fill_(good_maps_min)
         self.pixel_max.fill_(good_maps_max)
 
-    def _affine(self, level: str) -> tuple[float, float]:
+    def affine(self, level: str) -> tuple[float, float]:
+        """``(shift, scale)`` of the ``image`` or ``pixel`` normalisation: ``(x - shift) / scale``."""
         lo, hi, thr = (float(getattr(self, f"{level}_{s}")) for s in ("min", "max", "threshold"))
         if self.normalization == "none":
             return 0.0, 1.0
@@ -70,12 +71,12 @@ class Calibration(nn.Module):
 
     def normalize_score(self, score: torch.Tensor) -> torch.Tensor:
         """Normalised image scores ``(B,)`` (float64)."""
-        shift, scale = self._affine("image")
+        shift, scale = self.affine("image")
         return (score.double() - shift) / scale
 
     def normalize_map(self, anomaly_map: torch.Tensor) -> torch.Tensor:
         """Normalised anomaly maps ``(B, 1, H, W)`` (float32)."""
-        shift, scale = self._affine("pixel")
+        shift, scale = self.affine("pixel")
         return (anomaly_map - shift) / scale
 
     def is_defective(self, score: torch.Tensor) -> torch.Tensor:

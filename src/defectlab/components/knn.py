@@ -19,12 +19,13 @@ class NearestNeighbors:
     Args:
         backend: ``faiss`` (exact flat L2 index), ``torch`` (chunked matrix products; used on GPU)
             or ``auto`` (faiss for CPU tensors when installed, torch otherwise).
-        chunk_size: queries per block on the torch path (bounds the distance-matrix memory).
+        chunk_size: queries per block on the torch path (bounds the distance-matrix memory);
+            None = one block (exported graphs: a data-dependent loop would not trace).
     """
 
     BACKENDS = ("auto", "faiss", "torch")
 
-    def __init__(self, backend: str = "auto", chunk_size: int = 4096) -> None:
+    def __init__(self, backend: str = "auto", chunk_size: int | None = 4096) -> None:
         if backend not in self.BACKENDS:
             raise ConfigError(f"model.knn.backend={backend}: choose one of {self.BACKENDS}")
         if backend == "faiss" and faiss is None:
@@ -82,7 +83,8 @@ class NearestNeighbors:
         bank = self._bank.to(queries.device)
         bank_sq = bank.square().sum(1)
         dists, indices = [], []
-        for chunk in queries.split(self.chunk_size):
+        chunks = (queries,) if self.chunk_size is None else queries.split(self.chunk_size)
+        for chunk in chunks:
             d2 = torch.addmm(bank_sq.unsqueeze(0), chunk, bank.T, alpha=-2.0)
             d2 += chunk.square().sum(1, keepdim=True)
             d, i = d2.topk(k, dim=1, largest=False)

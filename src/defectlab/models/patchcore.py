@@ -104,15 +104,16 @@ class PatchCore(nn.Module):
         where m_test,* is the most anomalous test patch, s* its distance to its nearest bank
         element m*, and N_b(m*) the b = k nearest bank elements of m* (m* itself included).
         """
-        rows = torch.arange(len(patch_scores), device=patch_scores.device)
+        # gather, not arange-indexing: the batch size stays symbolic in exported graphs.
         s_star, p_star = patch_scores.max(dim=1)
         if self.k == 1:
             return s_star
         k = min(self.k, len(self.memory_bank))
-        m_star = self.memory_bank[nn_idx[rows, p_star]]  # (B, D)
+        m_star = self.memory_bank[nn_idx.gather(1, p_star[:, None])[:, 0]]  # (B, D)
         _, support = self._index().search(m_star, k=k)  # N_b(m*), (B, k)
-        m_test = patches[rows, p_star]  # (B, D)
-        d = torch.linalg.vector_norm(m_test.unsqueeze(1) - self.memory_bank[support], dim=-1)
+        dim = patches.shape[-1]
+        m_test = patches.gather(1, p_star[:, None, None].expand(-1, 1, dim))  # (B, 1, D)
+        d = torch.linalg.vector_norm(m_test - self.memory_bank[support], dim=-1)
         weight = 1.0 - torch.exp(s_star - torch.logsumexp(d, dim=1))
         return weight * s_star
 
