@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 
 from defectlab.errors import ConfigError
-from defectlab.visualize import image_panel
+from defectlab.visualize import display_image, image_panel
 
 
 class AnomalyImageWriter(L.Callback):
@@ -63,13 +62,12 @@ class AnomalyImageWriter(L.Callback):
             if self.max_per_type is not None and self.written[defect_type] >= self.max_per_type:
                 continue
             self.written[defect_type] += 1
-            image = (batch["image"][i].detach().float().cpu().clamp(0, 1) * 255).round()
             mask = batch["mask"][i, 0].bool().cpu().numpy() if "mask" in batch else None
             verdict = "DEFECTIVE" if bool(decisions[i]) else "good"
             title = f"{defect_type} | {float(normalized[i]):.2f} / thr {thr_norm:.2f} -> {verdict}"
             localizes = getattr(pl_module, "localizes", True)
             panel = image_panel(
-                image.permute(1, 2, 0).to(torch.uint8).numpy(),
+                display_image(batch["image"][i]),
                 maps[i, 0].numpy() if localizes else None,
                 segmentation[i, 0].numpy() if localizes else None,
                 mask,

@@ -25,7 +25,7 @@ from defectlab.errors import ConfigError, DataError
 from defectlab.results import write_json_atomic
 from defectlab.runner import build_model, checkpoint_config, locate_checkpoint
 from defectlab.systems import AnomalySystem, build_system
-from defectlab.visualize import image_panel
+from defectlab.visualize import display_image, image_panel
 
 FIELDS = ("path", "score", "score_normalized", "verdict", "error")
 
@@ -143,7 +143,7 @@ class PredictionWriter:
         system = self.predictor.system
         cal, localizes = system.calibration, system.localizes
         panel = image_panel(
-            (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy(),
+            display_image(image),
             out["anomaly_map_raw"][i, 0].numpy() if localizes else None,
             out["segmentation"][i, 0].numpy() if localizes else None,
             None,

@@ -35,6 +35,17 @@ def heatmap_rgb(anomaly_map: np.ndarray, vmin: float, threshold: float) -> np.nd
     return (colormaps["jet"](level)[..., :3] * 255).astype(np.uint8)
 
 
+def display_image(image: torch.Tensor) -> np.ndarray:
+    """A model input ``(3, H, W)`` float in [0, 1] as ``(H, W, 3)`` uint8 for display."""
+    pixels = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    return pixels.permute(1, 2, 0).numpy()
+
+
+def overlay_rgb(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """Half-and-half blend of an ``(H, W, 3)`` uint8 image and its heatmap colours."""
+    return (0.5 * image + 0.5 * heat).astype(np.uint8)
+
+
 def image_panel(
     image: np.ndarray,
     anomaly_map: np.ndarray | None,
@@ -57,7 +68,7 @@ def image_panel(
             row[_contour(mask)] = CONTOUR_COLOUR
         return _with_header(row, title)
     heat = heatmap_rgb(anomaly_map, vmin, threshold)
-    overlay = (0.5 * image + 0.5 * heat).astype(np.uint8)
+    overlay = overlay_rgb(image, heat)
     seg = image.astype(np.float32) * 0.35
     seg[segmentation] = 0.35 * seg[segmentation] + 0.65 * SEG_COLOUR
     seg = seg.astype(np.uint8)

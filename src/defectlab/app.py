@@ -1,0 +1,241 @@
+"""Inspection web app: ``python app.py run_dir=<run>`` (Gradio).
+
+Pick a trained run, upload images, see original | heatmap | overlay, the score and the verdict
+for each; the threshold slider re-judges the scored images live (no re-inference). The scoring is
+``predict.py``'s: same checkpoint, pre-processing, thresholds and normalisation.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+
+from defectlab.errors import ConfigError, DataError
+from defectlab.inference import Predictor
+from defectlab.runner import CHECKPOINT, locate_checkpoint
+from defectlab.visualize import display_image, heatmap_rgb, overlay_rgb
+
+COLUMNS = ["file", "score", "normalised score", "verdict"]
+
+
+@dataclass
+class Inspected:
+    """One uploaded image after scoring (``error`` set when it could not be read)."""
+
+    name: str
+    score: float | None = None
+    score_normalized: float | None = None
+    tiles: list[tuple[np.ndarray, str]] | None = None
+    error: str | None = None
+
+
+def discover_runs(roots: Iterable[str | Path]) -> list[Path]:
+    """Run folders holding a trained model under ``roots`` (train.py outputs and multiruns)."""
+    found: set[Path] = set()
+    for root in roots:
+        root = Path(root)
+        if (root / CHECKPOINT).is_file():
+            found.add(root.resolve())
+        elif root.is_dir():
+            found.update(p.parents[1].resolve() for p in root.rglob(str(CHECKPOINT)))
+    return sorted(found)
+
+
+def describe(predictor: Predictor) -> dict[str, Any]:
+    """What is loaded: model, backbone, category and the calibrated threshold."""
+    cfg = predictor.run_config
+    extractor = getattr(predictor.system.model, "extractor", None)
+    cal = predictor.system.calibration.as_dict()
+    return {
+        "model": cfg.get("model_name"),
+        "backbone": None if extractor is None else extractor.alias,
+        "category": str(cfg.data.category),
+        "normalization": cal["normalization"],
+        "threshold": cal.get("image_threshold_normalized"),
+    }
+
+
+def inspect_images(predictor: Predictor, paths: list[Path]) -> list[Inspected]:
+    """Score uploaded files one by one (sizes may differ); unreadable ones carry their error."""
+    system = predictor.system
+    cal = system.calibration
+    results = []
+    for path in paths:
+        try:
+            image = predictor.load(path)
+        except DataError as err:
+            results.append(Inspected(path.name, error=str(err)))
+            continue
+        out = predictor.score(image.unsqueeze(0), [str(path)])
+        original = display_image(image)
+        tiles = [(original, "original")]
+        if system.localizes:
+            heat = heatmap_rgb(
+                out["anomaly_map_raw"][0, 0].numpy(),
+                float(cal.pixel_min),
+                float(cal.pixel_threshold),
+            )
+            tiles += [(heat, "heatmap"), (overlay_rgb(original, heat), "overlay")]
+        results.append(
+            Inspected(
+                path.name,
+                float(out["score"][0]),
+                float(out["score_normalized"][0]),
+                [(tile, f"{path.name}: {kind}") for tile, kind in tiles],
+            )
+        )
+    return results
+
+
+def verdict(item: Inspected, threshold: float) -> str:
+    """``DEFECTIVE`` / ``good`` at a threshold on the normalised score (``unreadable`` on errors)."""
+    if item.error is not None:
+        return "unreadable"
+    return "DEFECTIVE" if item.score_normalized >= threshold else "good"
+
+
+def table(items: list[Inspected], threshold: float) -> list[list[Any]]:
+    """Rows of :data:`COLUMNS`."""
+    return [
+        [
+            item.name,
+            None if item.score is None else round(item.score, 6),
+            None if item.score_normalized is None else round(item.score_normalized, 4),
+            verdict(item, threshold),
+        ]
+        for item in items
+    ]
+
+
+def verdict_text(items: list[Inspected], threshold: float) -> str:
+    """One Markdown line per image, the headline a line operator reads."""
+    if not items:
+        return "Upload images to inspect them."
+    lines = []
+    for item in items:
+        if item.error is not None:
+            lines.append(f"- `{item.name}`: **unreadable** ({item.error})")
+        else:
+            lines.append(
+                f"- `{item.name}`: **{verdict(item, threshold)}** "
+                f"(normalised score {item.score_normalized:.3f}, threshold {threshold:.3f})"
+            )
+    return "\n".join(lines)
+
+
+class ModelSlot:
+    """The one loaded model; switching runs frees the previous one (banks can be large)."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.run: Path | None = None
+        self.predictor: Predictor | None = None
+
+    def get(self, run: str | Path) -> Predictor:
+        run = Path(run)
+        if self.predictor is None or run != self.run:
+            ckpt, _ = locate_checkpoint(str(run), None)
+            self.predictor = None  # release before loading the next
+            self.predictor = Predictor.from_checkpoint(ckpt, self.device)
+            self.run = run
+        return self.predictor
+
+
+def _header(predictor: Predictor, run: Path) -> str:
+    info = describe(predictor)
+    backbone = f" · backbone **{info['backbone']}**" if info["backbone"] else ""
+    return (
+        f"Loaded: model **{info['model']}**{backbone} · category **{info['category']}** · "
+        f"calibrated threshold **{info['threshold']:.3f}** ({info['normalization']} "
+        f"normalisation)  \n`{run}`"
+    )
+
+
+def build_app(runs: list[Path], default: Path, device: str = "auto"):
+    """The Gradio Blocks app over ``runs`` (``default`` loaded first)."""
+    import gradio as gr
+
+    slot = ModelSlot(device)
+    first = slot.get(default)
+    default_threshold = describe(first)["threshold"]
+    choices = [str(r) for r in runs]
+
+    def load(run: str):
+        predictor = slot.get(run)
+        threshold = describe(predictor)["threshold"]
+        return (
+            _header(predictor, Path(run)),
+            gr.update(value=threshold),
+            [],
+            [],
+            verdict_text([], 0),
+        )
+
+    def run_inspection(run: str, files: list[str] | None, threshold: float):
+        if not files:
+            return [], [], verdict_text([], threshold), []
+        items = inspect_images(slot.get(run), [Path(f) for f in files])
+        gallery = [tile for item in items for tile in item.tiles or []]
+        return gallery, table(items, threshold), verdict_text(items, threshold), items
+
+    def rejudge(items: list[Inspected], threshold: float):
+        return table(items or [], threshold), verdict_text(items or [], threshold)
+
+    with gr.Blocks(title="defectlab inspection") as app:
+        gr.Markdown("# defectlab inspection")
+        run_box = gr.Dropdown(choices, value=str(default), label="Trained model (run folder)")
+        header = gr.Markdown(_header(first, default), elem_id="loaded")
+        with gr.Row():
+            files = gr.File(
+                file_count="multiple", file_types=["image"], label="Images", elem_id="upload"
+            )
+            threshold = gr.Slider(
+                0.0,
+                max(2.0, 2 * default_threshold),
+                value=default_threshold,
+                step=0.01,
+                label="Threshold on the normalised score (default: the calibrated one)",
+                elem_id="threshold",
+            )
+        verdicts = gr.Markdown(verdict_text([], default_threshold), elem_id="verdicts")
+        results = gr.Dataframe(headers=COLUMNS, label="Scores", elem_id="scores")
+        gallery = gr.Gallery(label="original | heatmap | overlay", columns=3, elem_id="gallery")
+        state = gr.State([])
+
+        run_box.change(load, run_box, [header, threshold, gallery, results, verdicts])
+        files.change(
+            run_inspection, [run_box, files, threshold], [gallery, results, verdicts, state]
+        )
+        threshold.change(rejudge, [state, threshold], [results, verdicts])
+    return app
+
+
+def run_app(cfg: DictConfig, block: bool = True):
+    """The job behind app.py: find runs, load the chosen one, serve the app."""
+    # No telemetry calls from a shop-floor machine (and none work offline).
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    if cfg.run_dir is None and not cfg.runs:
+        raise ConfigError("give run_dir=<train run folder> and/or runs=[folders to search]")
+    runs = discover_runs([*(cfg.runs or []), *([cfg.run_dir] if cfg.run_dir else [])])
+    if not runs:
+        raise ConfigError(f"no trained run (a folder with {CHECKPOINT}) under {cfg.runs}")
+    default = Path(cfg.run_dir).resolve() if cfg.run_dir else runs[0]
+    if default not in runs:
+        raise ConfigError(f"run_dir={cfg.run_dir}: no {CHECKPOINT} there")
+    app = build_app(runs, default, cfg.device)
+    app.queue(max_size=cfg.queue_size)
+    app.launch(
+        server_name=cfg.host,
+        server_port=cfg.port,
+        share=False,
+        ssr_mode=False,  # no Node server: plain FastAPI serving the bundled front end
+        prevent_thread_lock=not block,
+        quiet=not block,
+    )
+    return app
