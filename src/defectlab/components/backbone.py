@@ -145,6 +145,7 @@ class FeatureExtractor(nn.Module):
         self.alias = alias or name
         self.layers = list(layers)
         self.weights = weights
+        self.pretrained = pretrained
         if not self.layers:
             raise ConfigError("backbone.layers is empty: name at least one layer")
         self.layer_indices = self._layer_indices(name, self.layers)

@@ -251,8 +251,12 @@ class AnomalySystem(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(FROZEN_PREFIX)]:
-            del state[key]
+        extractor = getattr(self.model, "extractor", None)
+        # Pretrained weights are rebuilt from the config on load; a random init cannot be, so
+        # its weights stay in the checkpoint.
+        if extractor is not None and extractor.pretrained:
+            for key in [k for k in state if k.startswith(FROZEN_PREFIX)]:
+                del state[key]
         checkpoint["defectlab_backbone"] = self._backbone_id()
         checkpoint["defectlab_config"] = self.run_config
 
@@ -270,5 +274,8 @@ class AnomalySystem(L.LightningModule):
             raise ConfigError(
                 f"checkpoint lacks {missing[:5]}: it was made by another model config"
             )
-        # Frozen weights were left out on save; the config rebuilt the same ones (checked above).
-        state.update({k: v for k, v in own.items() if k.startswith(FROZEN_PREFIX)})
+        # Pretrained frozen weights were left out on save; the config rebuilt the same ones
+        # (checked above). Saved ones (a random init) are loaded as they are.
+        state.update(
+            {k: v for k, v in own.items() if k.startswith(FROZEN_PREFIX) and k not in state}
+        )
