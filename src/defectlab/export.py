@@ -34,7 +34,7 @@ from defectlab.runner import locate_checkpoint
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 INPUT = "images"
 OUTPUTS = ("score", "score_normalized", "is_defective", "anomaly_map", "segmentation")
-# Smallest opset with an antialiased Resize: the run's own resize is antialiased.
+# torch's dynamo ONNX exporter (the supported one) emits opset 18 and newer.
 MIN_OPSET = 18
 
 
@@ -121,7 +121,7 @@ def _export_torchscript(module: DeployModule, path: Path, opset: int) -> None:
 
 def _export_onnx(module: DeployModule, path: Path, opset: int) -> None:
     if opset < MIN_OPSET:
-        raise ConfigError(f"opset={opset}: antialiased resize needs opset >= {MIN_OPSET}")
+        raise ConfigError(f"opset={opset}: torch's ONNX exporter needs opset >= {MIN_OPSET}")
     if module.input_size is None:
         raise ConfigError("ONNX export needs a fixed input size (see DeployModule)")
     with torch.no_grad():
