@@ -76,10 +76,16 @@ class NearestNeighbors:
         if not 1 <= k <= self.size:
             raise ConfigError(f"k={k} must be between 1 and the memory bank size {self.size}")
         queries = queries.float()
+        chunk_size = self.chunk_size or len(queries)
         if self._index is not None:
-            d2, idx = self._index.search(queries.detach().cpu().contiguous().numpy(), k)
-            d2, idx = torch.from_numpy(d2), torch.from_numpy(idx)
-            return d2.clamp_min_(0).sqrt_().to(queries.device), idx.to(queries.device)
+            _, idx = self._index.search(queries.detach().cpu().contiguous().numpy(), k)
+            idx = torch.from_numpy(idx).to(queries.device)
+            bank = self._bank.to(queries.device)
+            dists = [
+                _exact_distances(q, i, bank)
+                for q, i in zip(queries.split(chunk_size), idx.split(chunk_size), strict=True)
+            ]
+            return torch.cat(dists), idx
         bank = self._bank.to(queries.device)
         bank_sq = bank.square().sum(1)
         dists, indices = [], []
@@ -87,10 +93,20 @@ class NearestNeighbors:
         for chunk in chunks:
             d2 = torch.addmm(bank_sq.unsqueeze(0), chunk, bank.T, alpha=-2.0)
             d2 += chunk.square().sum(1, keepdim=True)
-            d, i = d2.topk(k, dim=1, largest=False)
-            dists.append(d.clamp_min_(0).sqrt_())
+            _, i = d2.topk(k, dim=1, largest=False)
+            dists.append(_exact_distances(chunk, i, bank))
             indices.append(i)
         return torch.cat(dists), torch.cat(indices)
+
+
+def _exact_distances(queries: torch.Tensor, idx: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """``||q - bank[idx]||`` for ``(Q, D)`` queries and their ``(Q, k)`` neighbour indices.
+
+    The search ranks with ||q||^2 - 2 q.b + ||b||^2, which cancels badly when features are long and
+    neighbours close (1e-4 relative error on ELPV with resnet18 features, and different errors in
+    faiss and torch); the chosen neighbours' distances are recomputed directly, which is cheap.
+    """
+    return torch.linalg.vector_norm(queries.unsqueeze(1) - bank[idx], dim=-1)
 
 
 def resize_bank_for_load(
