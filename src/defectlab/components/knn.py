@@ -76,8 +76,8 @@ class NearestNeighbors:
         if not 1 <= k <= self.size:
             raise ConfigError(f"k={k} must be between 1 and the memory bank size {self.size}")
         queries = queries.float()
-        chunk_size = self.chunk_size or len(queries)
         if self._index is not None:
+            chunk_size = self.chunk_size or len(queries)
             _, idx = self._index.search(queries.detach().cpu().contiguous().numpy(), k)
             idx = torch.from_numpy(idx).to(queries.device)
             bank = self._bank.to(queries.device)
