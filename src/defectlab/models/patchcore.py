@@ -86,14 +86,19 @@ class PatchCore(nn.Module):
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> AnomalyOutput:
         """Score images ``(B, 3, H, W)`` in [0, 1]."""
-        emb = self.embed(images)
+        patch_scores, score = self.score_patches(self.embed(images))
+        amap = self.anomaly_map(patch_scores, tuple(images.shape[-2:]))
+        return AnomalyOutput(score=score, anomaly_map=amap)
+
+    @torch.no_grad()
+    def score_patches(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest-neighbour stage: patch scores ``(B, 1, h, w)`` and image scores ``(B,)``."""
         b, h, w, d = emb.shape
         flat = emb.reshape(-1, d)
         dist, nn_idx = self._index().search(flat, k=1)
         patch_scores = dist.view(b, h * w)
         score = self.image_score(patch_scores, nn_idx.view(b, h * w), flat.view(b, h * w, d))
-        amap = self.anomaly_map(patch_scores.view(b, 1, h, w), tuple(images.shape[-2:]))
-        return AnomalyOutput(score=score, anomaly_map=amap)
+        return patch_scores.view(b, 1, h, w), score
 
     def image_score(
         self, patch_scores: torch.Tensor, nn_idx: torch.Tensor, patches: torch.Tensor

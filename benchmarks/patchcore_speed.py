@@ -1,0 +1,198 @@
+"""PatchCore per stage: seconds, images/s, peak RSS and bank size for one composed config.
+
+    python benchmarks/patchcore_speed.py [train.py overrides ...] [--max-test 64] [--out DIR]
+    python benchmarks/patchcore_speed.py data.category=poly sampler.ratio=0.01
+
+Stages, each timed on its own after warm-up:
+  extract  backbone + patch embedding of every fit image (train loader)
+  coreset  the sampler on all fit embeddings
+  knn      nearest-neighbour search + image score (Eq. 7), on test images
+  map      anomaly-map upsampling + blur, on test images
+and the whole ``predict`` at batch 1 and 32. Writes ``patchcore_speed.json`` / ``.md`` into
+``--out`` (default ``benchmarks/results``) with the machine it ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from defectlab.runner import build, build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _peak_rss_mb() -> float:
+    # ru_maxrss is KiB on Linux: the high-water mark of this process so far.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _timed(fn, repeats: int = 1) -> tuple[float, object]:
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = fn()
+    return (time.perf_counter() - start) / repeats, out
+
+
+def compose_config(overrides: list[str], out_dir: Path):
+    """The train.py config with ``overrides``, outputs pointed at ``out_dir``."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=[f"paths.output_dir={out_dir}", *overrides])
+
+
+def test_images(cfg, datamodule, count: int) -> torch.Tensor:
+    """The first ``count`` test images, pre-processed, ``(count, 3, H, W)``."""
+    datamodule.setup("test")
+    images = []
+    for batch in datamodule.test_dataloader():
+        images.append(batch["image"])
+        if sum(len(b) for b in images) >= count:
+            break
+    return torch.cat(images)[:count]
+
+
+@torch.no_grad()
+def measure(overrides: list[str], max_test: int, batch: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = compose_config(overrides, Path(tmp))
+        torch.manual_seed(cfg.seed)
+        datamodule = build(cfg.data)
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        model, _ = build_model(cfg)
+        if not hasattr(model, "score_patches"):
+            raise SystemExit(f"model={cfg.model_name}: this benchmark is for PatchCore")
+        model.eval()
+
+        start = time.perf_counter()
+        chunks, fit_images = [], 0
+        for b in datamodule.train_dataloader():
+            emb = model.embed(b["image"])
+            chunks.append(emb.reshape(-1, emb.shape[-1]))
+            fit_images += len(b["image"])
+        embeddings = torch.cat(chunks)
+        del chunks
+        fit_vectors = len(embeddings)
+        extract_s = time.perf_counter() - start
+        rss_after_extract = _peak_rss_mb()
+
+        start = time.perf_counter()
+        indices = model.sampler(embeddings)
+        coreset_s = time.perf_counter() - start
+        model.memory_bank = embeddings[indices].float()
+        model.knn.fit(model.memory_bank)
+        bank_rows, dim = model.memory_bank.shape
+        del embeddings
+
+        images = test_images(cfg, datamodule, max(max_test, batch))
+        size = tuple(images.shape[-2:])
+        one = images[:1]
+        model.predict(one)  # warm-up: allocator, index
+        emb1 = model.embed(one)
+        embed1_s, _ = _timed(lambda: model.embed(one), repeats=10)
+        knn1_s, (patch1, _) = _timed(lambda: model.score_patches(emb1), repeats=10)
+        map1_s, _ = _timed(lambda: model.anomaly_map(patch1, size), repeats=10)
+        predict1_s, _ = _timed(lambda: model.predict(one), repeats=10)
+
+        many = images[:batch]
+        model.predict(many)
+        embn = model.embed(many)
+        embedn_s, _ = _timed(lambda: model.embed(many), repeats=3)
+        knnn_s, (patchn, _) = _timed(lambda: model.score_patches(embn), repeats=3)
+        mapn_s, _ = _timed(lambda: model.anomaly_map(patchn, size), repeats=3)
+        predictn_s, _ = _timed(lambda: model.predict(many), repeats=3)
+
+    return {
+        "overrides": overrides,
+        "backbone": cfg.backbone.name,
+        "category": str(cfg.data.category),
+        "image_size": cfg.data.image_size,
+        "sampler": cfg.sampler._target_.rsplit(".", 1)[-1],
+        "ratio": cfg.sampler.get("ratio"),
+        "fit_images": fit_images,
+        "fit_vectors": fit_vectors,
+        "bank_rows": bank_rows,
+        "dim": dim,
+        "bank_mb": bank_rows * dim * 4 / 2**20,
+        "extract_s": extract_s,
+        "coreset_s": coreset_s,
+        "fit_s": extract_s + coreset_s,
+        "peak_rss_after_extract_mb": rss_after_extract,
+        "peak_rss_mb": _peak_rss_mb(),
+        "batch1_ms": {
+            "embed": 1000 * embed1_s,
+            "knn": 1000 * knn1_s,
+            "map": 1000 * map1_s,
+            "predict": 1000 * predict1_s,
+        },
+        "batch": batch,
+        "batchN_ms_per_image": {
+            "embed": 1000 * embedn_s / batch,
+            "knn": 1000 * knnn_s / batch,
+            "map": 1000 * mapn_s / batch,
+            "predict": 1000 * predictn_s / batch,
+        },
+        "images_per_s": {"batch1": 1 / predict1_s, f"batch{batch}": batch / predictn_s},
+    }
+
+
+def to_markdown(row: dict) -> str:
+    b = row["batch"]
+    lines = [
+        "| stage | seconds / ms |",
+        "|---|---|",
+        f"| extract ({row['fit_images']} images, {row['fit_vectors']} vectors) | {row['extract_s']:.1f} s |",
+        f"| coreset ({row['sampler']}, ratio {row['ratio']}) -> {row['bank_rows']} x {row['dim']} | {row['coreset_s']:.1f} s |",
+        f"| fit total | {row['fit_s']:.1f} s |",
+    ]
+    for stage in ("embed", "knn", "map", "predict"):
+        lines.append(
+            f"| {stage}: batch 1 / batch {b} per image | {row['batch1_ms'][stage]:.1f} / "
+            f"{row['batchN_ms_per_image'][stage]:.1f} ms |"
+        )
+    ips = row["images_per_s"]
+    lines += [
+        f"| images/s batch 1 / batch {b} | {ips['batch1']:.2f} / {ips[f'batch{b}']:.2f} |",
+        f"| bank | {row['bank_mb']:.1f} MB |",
+        f"| peak RSS after extraction / overall | {row['peak_rss_after_extract_mb']:.0f} / {row['peak_rss_mb']:.0f} MB |",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def machine() -> dict:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="train.py overrides (model=patchcore)")
+    parser.add_argument("--max-test", type=int, default=64, help="test images timed")
+    parser.add_argument("--batch", type=int, default=32, help="batch size of the batched timings")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    row = measure(args.overrides, args.max_test, args.batch)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "patchcore_speed.json").write_text(
+        json.dumps({"machine": machine(), **row}, indent=2)
+    )
+    table = to_markdown(row)
+    (args.out / "patchcore_speed.md").write_text(f"Machine: {machine()}\n\n{table}")
+    print(table)
+    return row
+
+
+if __name__ == "__main__":
+    main()
