@@ -16,7 +16,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from patchcore_speed import _timed, compose_config, machine
+from _common import write_outputs
+from patchcore_speed import _timed, compose_config
 
 from defectlab.runner import build
 
@@ -63,13 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
         share = f"{got / floor[key]:.0%}" if got else "–"
         lines.append(f"| {key[5:]} | {floor[key]:.2f} | {f'{got:.2f}' if got else '–'} | {share} |")
         row.setdefault("share_of_floor", {})[key] = got / floor[key] if got else None
-    table = "\n".join(lines) + "\n"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "backbone_floor.json").write_text(
-        json.dumps({"machine": machine(), **row}, indent=2)
-    )
-    (args.out / "backbone_floor.md").write_text(f"Machine: {machine()}\n\n{table}")
-    print(table)
+    write_outputs(args.out, "backbone_floor", row, "\n".join(lines) + "\n")
     return row
 
 

@@ -11,14 +11,13 @@ present (``--device cpu`` to force the CPU). Writes ``latency.json`` and ``laten
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _common import write_outputs
 
 from defectlab.data import image_tensor, load_image, scan_category
 from defectlab.export import FORMATS, Artefact
@@ -141,17 +140,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for run in args.runs
         for row in measure(run, args.batch, args.repeats, args.device, args.exported)
     ]
-    args.out.mkdir(parents=True, exist_ok=True)
-    machine = {
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-    }
-    (args.out / "latency.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
-    table = to_markdown(rows)
-    (args.out / "latency.md").write_text(f"Machine: {machine}\n\n{table}")
-    print(table)
+    write_outputs(args.out, "latency", {"rows": rows}, to_markdown(rows))
     return rows
 
 

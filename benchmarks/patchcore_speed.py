@@ -15,14 +15,13 @@ and the whole ``predict`` at batch 1 and 32. Writes ``patchcore_speed.json`` / `
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import resource
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _common import write_outputs
 from hydra import compose, initialize_config_dir
 
 from defectlab.runner import build, build_model
@@ -167,15 +166,6 @@ def to_markdown(row: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def machine() -> dict:
-    return {
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-    }
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="train.py overrides (model=patchcore)")
@@ -184,13 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     row = measure(args.overrides, args.max_test, args.batch)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "patchcore_speed.json").write_text(
-        json.dumps({"machine": machine(), **row}, indent=2)
-    )
-    table = to_markdown(row)
-    (args.out / "patchcore_speed.md").write_text(f"Machine: {machine()}\n\n{table}")
-    print(table)
+    write_outputs(args.out, "patchcore_speed", row, to_markdown(row))
     return row
 
 
