@@ -25,7 +25,7 @@ from torchmetrics.functional.classification import (
 
 from defectlab.data import scan_category, scan_labelled
 from defectlab.errors import ConfigError, DataError
-from defectlab.inference import Predictor
+from defectlab.inference import Predictor, expand_input
 from defectlab.results import read_json, write_json_atomic
 from defectlab.runner import locate_checkpoint
 
@@ -280,8 +280,6 @@ def _query_folder(folder: Path) -> tuple[list[Path], list[str] | None]:
     if any(p.is_dir() for p in folder.iterdir()):
         samples = [s for s in scan_labelled(folder, None) if s.label == 1]
         return [s.path for s in samples], [s.defect_type for s in samples]
-    from defectlab.inference import expand_input
-
     return expand_input(str(folder)), None
 
 
