@@ -47,7 +47,7 @@ def compose_config(overrides: list[str], out_dir: Path):
         return compose("train", overrides=[f"paths.output_dir={out_dir}", *overrides])
 
 
-def test_images(cfg, datamodule, count: int) -> torch.Tensor:
+def first_test_images(datamodule, count: int) -> torch.Tensor:
     """The first ``count`` test images, pre-processed, ``(count, 3, H, W)``."""
     datamodule.setup("test")
     images = []
@@ -91,7 +91,7 @@ def measure(overrides: list[str], max_test: int, batch: int) -> dict:
         bank_rows, dim = model.memory_bank.shape
         del embeddings
 
-        images = test_images(cfg, datamodule, max(max_test, batch))
+        images = first_test_images(datamodule, max(max_test, batch))
         size = tuple(images.shape[-2:])
         one = images[:1]
         model.predict(one)  # warm-up: allocator, index

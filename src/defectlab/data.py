@@ -52,7 +52,7 @@ class CategoryIndex:
         return sorted({s.defect_type for s in self.test if s.label == 1})
 
 
-def _images_in(folder: Path) -> list[Path]:
+def images_in(folder: Path) -> list[Path]:
     return sorted(
         p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
     )
@@ -75,7 +75,7 @@ def scan_category(root: str | Path, category: str) -> CategoryIndex:
     train_dir = base / "train" / GOOD
     if not train_dir.is_dir():
         raise DataError(f"{train_dir} is missing: put the defect-free training images there")
-    train = [Sample(p, 0, GOOD) for p in _images_in(train_dir)]
+    train = [Sample(p, 0, GOOD) for p in images_in(train_dir)]
     if not train:
         raise DataError(
             f"{train_dir} holds no images ({sorted(IMAGE_EXTENSIONS)}): add good images"
@@ -99,7 +99,7 @@ def scan_labelled(folder: Path, gt_dir: Path | None) -> list[Sample]:
     for type_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
         if gt_dir is not None and type_dir == gt_dir:
             continue
-        images = _images_in(type_dir)
+        images = images_in(type_dir)
         if not images:
             raise DataError(f"{type_dir} is empty: add images or remove the folder")
         for path in images:

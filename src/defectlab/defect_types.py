@@ -326,23 +326,16 @@ def run_classification(cfg: DictConfig) -> dict[str, Any]:
             f"defect types {types}: at least two are needed to classify"
         )
     labels = torch.tensor([types.index(n) for n in names])
-    described = describe(predictor, paths, cfg.batch_size)
     category = str(predictor.run_config.data.category)
     if support == "all":
         if cfg.query_dir is None:
             raise ConfigError("support=all learns from the run's test defects: give query_dir=")
         query_paths, query_names = _query_folder(Path(cfg.query_dir))
-        queried = describe(predictor, query_paths, cfg.batch_size)
-        both = Descriptors(
-            paths + query_paths,
-            None
-            if described.embeddings is None
-            else torch.cat([described.embeddings, queried.embeddings]),
-            torch.cat([described.stats, queried.stats]),
-        )
+        # One descriptor set: the run's defects first (support), then the queried images.
+        described = describe(predictor, paths + query_paths, cfg.batch_size)
         rows = torch.arange(len(paths))
-        preds = classifier.fit(both, rows, labels).predict(
-            both, torch.arange(len(paths), len(both.paths))
+        preds = classifier.fit(described, rows, labels).predict(
+            described, torch.arange(len(paths), len(described.paths))
         )
         result: dict[str, Any] = {
             "support": "all",
@@ -366,6 +359,7 @@ def run_classification(cfg: DictConfig) -> dict[str, Any]:
                 "confusion": {"rows_true_cols_predicted": types, "counts": m["confusion"].tolist()},
             }
     else:
+        described = describe(predictor, paths, cfg.batch_size)
         result = evaluate_splits(
             described, labels, types, classifier, support, cfg.repeats, cfg.seed
         )

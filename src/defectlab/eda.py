@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig
 from PIL import Image
 
-from defectlab.data import GOOD, IMAGE_EXTENSIONS
+from defectlab.data import GOOD, images_in
 from defectlab.errors import DataError
 from defectlab.results import write_json_atomic
 
@@ -40,22 +40,28 @@ class CategoryScan:
     """What one category folder holds, and what is wrong with it."""
 
     counts: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(dict))
-    sizes: Counter = field(default_factory=Counter)
+    image_sizes: dict[Path, tuple[int, int]] = field(default_factory=dict)  # readable images
     modes: Counter = field(default_factory=Counter)
     problems: list[dict[str, str]] = field(default_factory=list)
     readable: dict[str, list[Path]] = field(default_factory=lambda: defaultdict(list))
     masks: dict[Path, Path] = field(default_factory=dict)
 
+    @property
+    def sizes(self) -> Counter:
+        """Readable images per ``(width, height)``."""
+        return Counter(self.image_sizes.values())
+
     def problem(self, kind: str, path: Path, detail: str) -> None:
         self.problems.append({"kind": kind, "path": str(path), "detail": detail})
 
 
-def _open(path: Path) -> tuple[Image.Image | None, str | None]:
+def _open(path: Path, data: bytes | None = None) -> tuple[Image.Image | None, str | None]:
     """Fully decoded image, or the reason it is not one (zero-byte, truncated, unreadable)."""
-    if path.stat().st_size == 0:
+    data = path.read_bytes() if data is None else data
+    if not data:
         return None, "zero_byte"
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data)) as img:
             img.load()
             return img.copy(), None
     except OSError as err:
@@ -77,33 +83,32 @@ def scan_category(base: Path) -> CategoryScan:
     if not groups:
         scan.problem("missing_layout", base, "no train/<type> or test/<type> folders")
     for split, folder in groups:
-        images = [p for p in _files(folder) if p.suffix.lower() in IMAGE_EXTENSIONS]
+        images = images_in(folder)
         scan.counts[split][folder.name] = len(images)
         if not images:
             scan.problem("empty_folder", folder, "holds no image")
         for path in images:
-            image, error = _open(path)
+            data = path.read_bytes()  # once: decoded and hashed
+            image, error = _open(path, data)
             if error is not None:
                 scan.problem(error, path, "cannot be decoded")
                 continue
-            digest = hashlib.sha1(path.read_bytes()).hexdigest()
+            digest = hashlib.sha1(data).hexdigest()
             if digest in hashes:
                 scan.problem("duplicate", path, f"same bytes as {hashes[digest]}")
             hashes.setdefault(digest, path)
-            scan.sizes[image.size] += 1
+            scan.image_sizes[path] = image.size
             scan.modes[image.mode] += 1
             if image.mode not in IMAGE_MODES:
                 scan.problem(
                     "wrong_mode", path, f"mode {image.mode}, expected one of {IMAGE_MODES}"
                 )
             scan.readable[f"{split}/{folder.name}"].append(path)
-    if scan.sizes:
+    if scan.image_sizes:
         (common, _), *_ = scan.sizes.most_common(1)
-        for paths in scan.readable.values():
-            for path in paths:
-                with Image.open(path) as img:
-                    if img.size != common:
-                        scan.problem("wrong_size", path, f"{img.size}, most images are {common}")
+        for path, size in scan.image_sizes.items():
+            if size != common:
+                scan.problem("wrong_size", path, f"{size}, most images are {common}")
     _scan_masks(base, scan)
     return scan
 
@@ -126,10 +131,10 @@ def _scan_masks(base: Path, scan: CategoryScan) -> None:
                 continue
             if m.mode not in MASK_MODES:
                 scan.problem("wrong_mode", mask, f"mask mode {m.mode}, expected {MASK_MODES}")
-            with Image.open(image_path) as img:
-                if img.size != m.size:
-                    scan.problem("wrong_size", mask, f"mask {m.size}, image {img.size}")
-                    continue
+            size = scan.image_sizes.get(image_path)
+            if size is not None and size != m.size:
+                scan.problem("wrong_size", mask, f"mask {m.size}, image {size}")
+                continue
             scan.masks[image_path] = mask
     for key, paths in scan.readable.items():
         split, defect_type = key.split("/", 1)

@@ -25,9 +25,9 @@ from torchvision.transforms import v2
 
 from defectlab.components.knn import NearestNeighbors
 from defectlab.components.resize import ExactResize
-from defectlab.data import image_tensor, load_image
+from defectlab.data import CategoryIndex, image_tensor, load_image, scan_category
 from defectlab.errors import ConfigError, DataError, ExportError
-from defectlab.inference import Predictor, expand_input
+from defectlab.inference import Predictor
 from defectlab.results import atomic_target
 from defectlab.runner import locate_checkpoint
 
@@ -199,14 +199,17 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def parity_images(run_config: DictConfig, count: int) -> list[Path]:
-    """Up to ``count`` real images, evenly spread over the run's test folder (good and defective)."""
-    folder = Path(run_config.data.root) / str(run_config.data.category) / "test"
-    if count <= 0 or not folder.is_dir():
-        return []
-    files = sorted(
-        p for sub in sorted(folder.iterdir()) if sub.is_dir() for p in expand_input(str(sub))
-    )
+def run_data(run_config: DictConfig) -> CategoryIndex | None:
+    """The run's own category index, when its data is on this machine (None otherwise)."""
+    try:
+        return scan_category(run_config.data.root, run_config.data.category)
+    except DataError:
+        return None
+
+
+def parity_images(index: CategoryIndex | None, count: int) -> list[Path]:
+    """Up to ``count`` real images, evenly spread over the run's test set (good and defective)."""
+    files = [] if index is None or count <= 0 else [s.path for s in index.test]
     if len(files) <= count:
         return files
     return [files[i] for i in np.linspace(0, len(files) - 1, count).round().astype(int)]
@@ -309,7 +312,9 @@ def _within(parity: dict, tolerance: float) -> bool:
     return parity["verdicts_equal"] and max(parity["max_rel_diff"].values()) <= tolerance
 
 
-def _input_size(cfg: DictConfig, run_config: DictConfig) -> tuple[int, int] | None:
+def _input_size(
+    cfg: DictConfig, run_config: DictConfig, index: CategoryIndex | None
+) -> tuple[int, int] | None:
     """The fixed ``(H, W)`` to build for: ``input_size=``, else the run's training images (ONNX)."""
     if cfg.input_size is not None:
         if len(cfg.input_size) != 2 or min(cfg.input_size) < 1:
@@ -317,14 +322,13 @@ def _input_size(cfg: DictConfig, run_config: DictConfig) -> tuple[int, int] | No
         return int(cfg.input_size[0]), int(cfg.input_size[1])
     if cfg.format != "onnx":
         return None
-    folder = Path(run_config.data.root) / str(run_config.data.category) / "train" / "good"
-    files = expand_input(str(folder)) if folder.is_dir() else []
-    if not files:
+    if index is None:
         raise ConfigError(
-            f"input_size=null reads the size of the run's training images, but {folder} has "
-            "none here: give input_size=[height,width] of the camera frames"
+            f"input_size=null reads the size of the run's training images, but "
+            f"{run_config.data.root}/{run_config.data.category} is not here: give "
+            "input_size=[height,width] of the camera frames"
         )
-    width, height = load_image(files[0]).size
+    width, height = load_image(index.train[0].path).size
     return height, width
 
 
@@ -337,11 +341,12 @@ def export_run(cfg: DictConfig) -> dict[str, Any]:
     target = out_dir / f"model{FORMATS[cfg.format]}"
     predictor = Predictor.from_checkpoint(ckpt, "cpu")
     # A second copy to export: DeployModule swaps in the torch kNN, the reference keeps faiss.
-    input_size = _input_size(cfg, predictor.run_config)
+    index = run_data(predictor.run_config)
+    input_size = _input_size(cfg, predictor.run_config, index)
     module = DeployModule(Predictor.from_checkpoint(ckpt, "cpu"), input_size).eval()
     with atomic_target(target) as tmp:
         EXPORTERS[cfg.format](module, tmp, cfg.opset)
-        images = parity_images(predictor.run_config, cfg.parity_images)
+        images = parity_images(index, cfg.parity_images)
         if cfg.parity_images > 0 and not images:
             print(f"parity not checked: no test images under {predictor.run_config.data.root}")
         parity = measure_parity(predictor, Artefact(tmp), images, module.input_size)
