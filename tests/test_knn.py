@@ -25,3 +25,36 @@ def test_k_larger_than_bank_and_bad_backend_are_config_errors():
         knn.search(torch.randn(2, 3), k=6)
     with pytest.raises(ConfigError, match="model.knn.backend"):
         NearestNeighbors("annoy")
+
+
+def test_ivf_probing_every_cell_and_wide_hnsw_are_exact():
+    g = torch.Generator().manual_seed(1)
+    bank, queries = torch.randn(2000, 16, generator=g), torch.randn(50, 16, generator=g)
+    ref_d, ref_i = torch.cdist(queries.double(), bank.double()).topk(3, largest=False)
+    for knn in (
+        NearestNeighbors("ivf", nlist=16, nprobe=16),
+        NearestNeighbors("hnsw", hnsw_m=16, ef_search=2000),
+    ):
+        dist, idx = knn.fit(bank).search(queries, k=3)
+        assert torch.equal(idx, ref_i), knn.backend
+        torch.testing.assert_close(dist.double(), ref_d, atol=1e-4, rtol=1e-4)
+
+
+def test_approximate_search_never_beats_exact_and_fills_short_probes():
+    g = torch.Generator().manual_seed(2)
+    bank, queries = torch.randn(4000, 32, generator=g), torch.randn(200, 32, generator=g)
+    exact, _ = NearestNeighbors("torch").fit(bank).search(queries, k=1)
+    # 50 cells of ~80 points, one probed: k=100 cannot be met from one cell -> exact fallback.
+    knn = NearestNeighbors("ivf", nlist=50, nprobe=1).fit(bank)
+    dist, idx = knn.search(queries, k=1)
+    assert (dist >= exact - 1e-4).all() and (dist > exact + 1e-4).any()  # approximate: some miss
+    _, idx = knn.search(queries, k=100)
+    assert (idx >= 0).all() and (idx < len(bank)).all()
+    assert all(len(set(row)) == 100 for row in idx.tolist())
+
+
+def test_bad_index_parameters_are_config_errors():
+    with pytest.raises(ConfigError, match="model.knn.nprobe"):
+        NearestNeighbors("ivf", nprobe=0)
+    with pytest.raises(ConfigError, match="model.knn.hnsw_m"):
+        NearestNeighbors("hnsw", hnsw_m=1)

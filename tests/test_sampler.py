@@ -45,15 +45,38 @@ def _reference_greedy(z: torch.Tensor, m: int, anchors: torch.Tensor) -> list[in
     return chosen
 
 
-def test_coreset_matches_straightforward_reference():
-    features = torch.randn(500, 64, dtype=torch.float64).float()
+@pytest.mark.parametrize("candidates", [1, 7, 64, 10_000])
+def test_coreset_matches_straightforward_reference(candidates):
+    """Same seed -> same indices in the same order as the literal loop, however often the
+    deferred updates run (candidates=1 forces one every pick, 10_000 > N never needs one)."""
+    features = torch.randn(2000, 64, dtype=torch.float64).float()
     sampler = CoresetSampler(
-        ratio=0.1, projection_dim=16, num_starting_points=5, seed=7, progress=False
+        ratio=0.1,
+        projection_dim=16,
+        num_starting_points=5,
+        seed=7,
+        candidates=candidates,
+        progress=False,
     )
     z = sampler.project(features).double()
-    anchors = torch.randperm(500, generator=torch.Generator().manual_seed(8))[:5]
-    assert sampler(features).tolist() == _reference_greedy(z, 50, anchors)
+    anchors = torch.randperm(2000, generator=torch.Generator().manual_seed(8))[:5]
+    assert sampler(features).tolist() == _reference_greedy(z, 200, anchors)
     assert sampler(features).tolist() == sampler(features).tolist()  # same seed, same indices
+
+
+def test_coreset_projects_a_float16_buffer_blockwise():
+    features = torch.randn(40_000, 64).half()
+    sampler = CoresetSampler(projection_dim=16, progress=False)
+    z = sampler.project(features)
+    assert z.dtype == torch.float32
+    g = torch.Generator().manual_seed(sampler.seed)
+    proj = torch.randn(64, 16, generator=g) / 4.0
+    torch.testing.assert_close(z, features.float() @ proj)
+
+
+def test_coreset_candidates_must_be_positive():
+    with pytest.raises(ConfigError, match=r"sampler.candidates"):
+        CoresetSampler(candidates=0)
 
 
 def test_coreset_covers_better_than_random():

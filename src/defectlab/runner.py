@@ -209,6 +209,8 @@ def test_and_report(job: Job, ckpt: Path, extra: dict[str, Any]) -> dict[str, An
             "bank_mb": None if bank is None else bank.numel() * bank.element_size() / 2**20,
             "parameters": sum(p.numel() for p in system.model.parameters()),
             "bank_shape": None if bank is None else list(bank.shape),
+            # Training-embedding buffer of memory-bank models (size, dtype, chunking).
+            **getattr(system, "memory_stats", {}),
         },
         "counts": {
             "test": n_test,

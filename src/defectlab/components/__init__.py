@@ -2,6 +2,7 @@
 
 from defectlab.components.anomaly_map import AnomalyMapGenerator, MapScore
 from defectlab.components.backbone import FeatureExtractor, load_backbone_state_dict
+from defectlab.components.bank_buffer import EmbeddingBuffer
 from defectlab.components.calibration import Calibration
 from defectlab.components.embedding import PatchEmbedder
 from defectlab.components.knn import NearestNeighbors, resize_bank_for_load
@@ -18,6 +19,7 @@ __all__ = [
     "AnomalyMapGenerator",
     "Calibration",
     "CoresetSampler",
+    "EmbeddingBuffer",
     "FeatureExtractor",
     "IdentitySampler",
     "MapScore",

@@ -1,7 +1,10 @@
-"""Exact nearest-neighbour search over a memory bank: faiss on CPU, torch on GPU or as fallback."""
+"""Nearest-neighbour search over a memory bank: exact faiss on CPU, torch on GPU, faiss IVF/HNSW."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -17,23 +20,50 @@ class NearestNeighbors:
     """Euclidean k-nearest-neighbour search.
 
     Args:
-        backend: ``faiss`` (exact flat L2 index), ``torch`` (chunked matrix products; used on GPU)
-            or ``auto`` (faiss for CPU tensors when installed, torch otherwise).
+        backend: ``faiss`` (exact flat L2 index), ``torch`` (exact, chunked matrix products; used
+            on GPU), ``auto`` (faiss for CPU tensors when installed, torch otherwise), or the
+            approximate faiss indexes for very large banks: ``ivf`` (inverted lists: k-means
+            cells, ``nprobe`` of ``nlist`` searched) and ``hnsw`` (graph, ``hnsw_m`` links per node,
+            ``ef_search`` candidates per query). Approximate indexes may miss the true nearest
+            neighbour, which can only raise a distance (README: measured AUROC cost).
         chunk_size: queries per block on the torch path (bounds the distance-matrix memory);
             None = one block (exported graphs: a data-dependent loop would not trace).
+        nlist: ``ivf`` cells (0 = 4 * sqrt(bank size), faiss's rule of thumb).
+        nprobe: ``ivf`` cells searched per query.
+        hnsw_m: ``hnsw`` neighbours per node.
+        ef_search: ``hnsw`` search breadth.
     """
 
-    BACKENDS = ("auto", "faiss", "torch")
+    BACKENDS = ("auto", "faiss", "torch", "ivf", "hnsw")
+    APPROXIMATE = ("ivf", "hnsw")
 
-    def __init__(self, backend: str = "auto", chunk_size: int | None = 4096) -> None:
+    def __init__(
+        self,
+        backend: str = "auto",
+        chunk_size: int | None = 4096,
+        nlist: int = 0,
+        nprobe: int = 8,
+        hnsw_m: int = 32,
+        ef_search: int = 64,
+    ) -> None:
         if backend not in self.BACKENDS:
             raise ConfigError(f"model.knn.backend={backend}: choose one of {self.BACKENDS}")
-        if backend == "faiss" and faiss is None:
+        if backend in ("faiss", *self.APPROXIMATE) and faiss is None:
             raise ConfigError(
-                "model.knn.backend=faiss but faiss is not installed: pip install faiss-cpu"
+                f"model.knn.backend={backend} but faiss is not installed: pip install faiss-cpu"
             )
+        for key, value, low in [
+            ("nlist", nlist, 0),
+            ("nprobe", nprobe, 1),
+            ("hnsw_m", hnsw_m, 2),
+            ("ef_search", ef_search, 1),
+        ]:
+            if value < low:
+                raise ConfigError(f"model.knn.{key} must be >= {low}, got {value}")
         self.backend = backend
         self.chunk_size = chunk_size
+        self.nlist, self.nprobe = nlist, nprobe
+        self.hnsw_m, self.ef_search = hnsw_m, ef_search
         self._bank: torch.Tensor | None = None
         self._index = None
 
@@ -42,9 +72,25 @@ class NearestNeighbors:
         return 0 if self._bank is None else len(self._bank)
 
     def _use_faiss(self, device: torch.device) -> bool:
-        return self.backend == "faiss" or (
+        return self.backend in ("faiss", *self.APPROXIMATE) or (
             self.backend == "auto" and faiss is not None and device.type == "cpu"
         )
+
+    def _new_index(self, bank: np.ndarray):
+        dim = bank.shape[1]
+        if self.backend == "hnsw":
+            index = faiss.IndexHNSWFlat(dim, self.hnsw_m)
+            index.hnsw.efSearch = self.ef_search
+        elif self.backend == "ivf":
+            nlist = self.nlist or round(4 * math.sqrt(len(bank)))
+            nlist = max(1, min(nlist, len(bank) // 39 or 1))  # faiss wants >= 39 points per cell
+            index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, nlist)
+            index.train(bank)
+            index.nprobe = min(self.nprobe, nlist)
+        else:
+            index = faiss.IndexFlatL2(dim)
+        index.add(bank)
+        return index
 
     def reset(self) -> None:
         """Forget the indexed bank (e.g. after a new bank was loaded into the model)."""
@@ -64,8 +110,7 @@ class NearestNeighbors:
         self._bank = bank.float()
         self._index = None
         if self._use_faiss(bank.device):
-            self._index = faiss.IndexFlatL2(bank.shape[1])
-            self._index.add(self._bank.detach().cpu().contiguous().numpy())
+            self._index = self._new_index(self._bank.detach().cpu().contiguous().numpy())
         return self
 
     @torch.no_grad()
@@ -80,12 +125,19 @@ class NearestNeighbors:
             chunk_size = self.chunk_size or len(queries)
             _, idx = self._index.search(queries.detach().cpu().contiguous().numpy(), k)
             idx = torch.from_numpy(idx).to(queries.device)
+            missing = (idx < 0).any(dim=1)  # an IVF probe can hold fewer than k points
+            if missing.any():
+                idx[missing] = self._exact(queries[missing], k)[1]
             bank = self._bank.to(queries.device)
             dists = [
                 _exact_distances(q, i, bank)
                 for q, i in zip(queries.split(chunk_size), idx.split(chunk_size), strict=True)
             ]
             return torch.cat(dists), idx
+        return self._exact(queries, k)
+
+    def _exact(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chunked brute force in torch (GPU path, fallback, and misses of approximate indexes)."""
         bank = self._bank.to(queries.device)
         bank_sq = bank.square().sum(1)
         dists, indices = [], []

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -13,6 +16,7 @@ from defectlab.components import (
     Sampler,
     resize_bank_for_load,
 )
+from defectlab.components.bank_buffer import EmbeddingBuffer, buffer_dtype
 from defectlab.errors import ConfigError
 from defectlab.models.output import AnomalyOutput
 
@@ -29,6 +33,11 @@ class PatchCore(nn.Module):
         target_embed_dim: patch-feature dimension D.
         patch_size: local neighbourhood p.
         blur_sigma: Gaussian sigma of the anomaly map.
+        memory: how training embeddings are held while the bank is built: ``dtype`` of the
+            pre-allocated buffer (float32 | float16 | bfloat16), ``embed_batch`` (images per
+            forward; None = the loader's batch), ``storage`` (``ram``, or ``disk``: raw rows in a
+            temporary file in ``spill_dir``, only the coreset's projections in memory) and
+            ``chunk_vectors`` (None = one coreset over all rows; N = coreset each N-row chunk).
     """
 
     def __init__(
@@ -41,6 +50,7 @@ class PatchCore(nn.Module):
         target_embed_dim: int = 1024,
         patch_size: int = 3,
         blur_sigma: float = 4.0,
+        memory: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if k < 1:
@@ -53,6 +63,25 @@ class PatchCore(nn.Module):
         self.knn = knn
         self.k = k
         self.anomaly_map = AnomalyMapGenerator(blur_sigma)
+        memory = dict(memory or {})
+        self.buffer_dtype = buffer_dtype(memory.pop("dtype", "float32"))
+        self.chunk_vectors = memory.pop("chunk_vectors", None)
+        self.embed_batch = memory.pop("embed_batch", None)
+        self.storage = memory.pop("storage", "ram")
+        self.spill_dir = memory.pop("spill_dir", None)
+        if self.storage not in EmbeddingBuffer.STORAGES:
+            raise ConfigError(
+                f"model.memory.storage={self.storage}: choose one of {EmbeddingBuffer.STORAGES}"
+            )
+        for key in ("chunk_vectors", "embed_batch"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"model.memory.{key} must be >= 1 or null, got {value}")
+        if memory:
+            raise ConfigError(
+                f"unknown model.memory keys {sorted(memory)}: "
+                "valid are dtype, embed_batch, storage, spill_dir, chunk_vectors"
+            )
         # Persistent so a checkpoint alone restores a fitted model; resized on load.
         self.register_buffer("memory_bank", torch.empty(0, target_embed_dim))
 
@@ -65,15 +94,49 @@ class PatchCore(nn.Module):
         """Patch features ``(B, h, w, D)`` of images ``(B, 3, H, W)`` in [0, 1]."""
         return self.embedder(self.extractor(images)).permute(0, 2, 3, 1)
 
+    def embedding_buffer(
+        self, total: int, dim: int, device: torch.device | str = "cpu"
+    ) -> EmbeddingBuffer:
+        """The buffer training embeddings stream into (``model.memory`` settings)."""
+        return EmbeddingBuffer(
+            total,
+            dim,
+            dtype=self.buffer_dtype,
+            chunk=self.chunk_vectors,
+            reduce=self.subsample,
+            device=device,
+            storage=self.storage,
+            project=self.sampler.project,
+            spill_dir=self.spill_dir,
+        )
+
     @torch.no_grad()
-    def fit(self, embeddings: torch.Tensor) -> None:
-        """Subsample ``(N, D)`` training patch features into the memory bank."""
+    def fit_buffer(self, buffer: EmbeddingBuffer) -> None:
+        """Build the memory bank from a filled :meth:`embedding_buffer`."""
+        if not buffer.seen:
+            raise ValueError("PatchCore got no embeddings: is the training set empty?")
+        if buffer.storage == "disk":
+            self.fit(buffer.gather(self.sampler.select(buffer.projections())), subsample=False)
+        elif buffer.chunked:
+            self.fit(buffer.finish(), subsample=False)
+        else:
+            self.fit(buffer.finish())
+
+    @torch.no_grad()
+    def subsample(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """The sampler's rows of ``(N, D)`` patch features, as float32."""
+        return embeddings[self.sampler(embeddings).to(embeddings.device)].float()
+
+    @torch.no_grad()
+    def fit(self, embeddings: torch.Tensor, subsample: bool = True) -> None:
+        """Build the memory bank from ``(N, D)`` training patch features.
+
+        ``subsample=False``: the rows were already subsampled (chunked coreset) and are kept as is.
+        """
         if len(embeddings) == 0:
             raise ValueError("PatchCore.fit got no embeddings: is the training set empty?")
-        indices = self.sampler(embeddings)
-        self.memory_bank = (
-            embeddings[indices.to(embeddings.device)].to(self.memory_bank.device).float()
-        )
+        rows = self.subsample(embeddings) if subsample else embeddings.float()
+        self.memory_bank = rows.to(self.memory_bank.device)
         self.knn.fit(self.memory_bank)
 
     def _index(self) -> NearestNeighbors:

@@ -17,6 +17,7 @@ from defectlab.components.calibration import Calibration
 from defectlab.errors import ConfigError
 from defectlab.metrics import ThresholdSpec, image_threshold, pixel_threshold, summarize
 from defectlab.metrics.image import both_classes, unit_interval
+from defectlab.models.output import AnomalyOutput, predict_in_slices
 
 # Frozen pretrained weights are rebuilt from the backbone config, so checkpoints skip them.
 FROZEN_PREFIX = "model.extractor.net."
@@ -75,12 +76,16 @@ class AnomalySystem(L.LightningModule):
         self.test_results: dict[str, Any] | None = None
         self.test_outputs: dict[str, Any] | None = None
 
+    def predict_images(self, images: torch.Tensor) -> AnomalyOutput:
+        """``model.predict`` in slices of ``model.embed_batch`` images (bounds activation memory)."""
+        return predict_in_slices(self.model, images, getattr(self.model, "embed_batch", None))
+
     # -- calibration on held-out data (never the test set) ---------------------------------
     def on_validation_epoch_start(self) -> None:
         self._val = {}
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = HELDOUT) -> None:
-        out = self.model.predict(batch["image"])
+        out = self.predict_images(batch["image"])
         store = self._val.setdefault(dataloader_idx, defaultdict(list))
         amap = out.anomaly_map.detach().float().cpu()
         store["score"].append(out.score.detach().cpu())
@@ -95,7 +100,7 @@ class AnomalySystem(L.LightningModule):
             # Fixed seed per batch: every epoch and every trial sees the same defects.
             generator = torch.Generator().manual_seed(self.validation_anomalies.seed + batch_idx)
             pasted, _ = self.validation_anomalies(batch["image"], generator)
-            store["synthetic_score"].append(self.model.predict(pasted).score.detach().cpu())
+            store["synthetic_score"].append(self.predict_images(pasted).score.detach().cpu())
 
     def on_validation_epoch_end(self) -> None:
         if HELDOUT not in self._val:
@@ -149,7 +154,7 @@ class AnomalySystem(L.LightningModule):
             )
 
     def test_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
-        out = self.model.predict(batch["image"])
+        out = self.predict_images(batch["image"])
         self._test["score"].append(out.score.detach().cpu())
         self._test["label"].append(batch["label"].cpu())
         self._test["defect_type"].extend(batch["defect_type"])
@@ -228,7 +233,7 @@ class AnomalySystem(L.LightningModule):
         """Decisions a line would act on: normalised score, label, normalised map, binary mask."""
         if not self.calibration.fitted:
             raise ConfigError("model is not calibrated: train it with data.val_ratio > 0 first")
-        out = self.model.predict(batch["image"])
+        out = self.predict_images(batch["image"])
         return {
             "path": batch.get("path"),
             "score": out.score,

@@ -2,41 +2,114 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 import torch
 from torch import nn
 
+from defectlab.components.bank_buffer import EmbeddingBuffer
+from defectlab.components.sampler import num_samples
 from defectlab.systems.base import AnomalySystem
+
+log = logging.getLogger(__name__)
 
 
 class MemoryBankSystem(AnomalySystem):
-    """Collect patch embeddings of the training images, then build the memory bank once.
+    """Stream embeddings of the training images into one buffer, then build the memory bank once.
 
     Nothing is trained by gradient descent, so automatic optimisation is off (no dummy loss).
+    The buffer is sized from the first batch (rows per image x training images) and announced in
+    the log before the rest of the extraction; models with ``subsample`` and ``chunk_vectors``
+    (PatchCore) may subsample chunk by chunk instead of holding every embedding.
     """
 
     def __init__(self, model: nn.Module, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
         self.automatic_optimization = False
-        self._embeddings: list[torch.Tensor] = []
+        self._buffer: EmbeddingBuffer | None = None
         self.sample_s: float | None = None
+        self.memory_stats: dict[str, Any] = {}
 
     def on_train_epoch_start(self) -> None:
-        self._embeddings = []
+        self._buffer = None
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        emb = self.model.embed(batch["image"])
-        self._embeddings.append(emb.reshape(-1, emb.shape[-1]))
+        # Smaller forwards bound the activation memory (~15 MB per 224 px image for PatchCore's
+        # 1024-channel maps) and are no slower on CPU; each image's features do not depend on it.
+        images = batch["image"]
+        for part in images.split(getattr(self.model, "embed_batch", None) or len(images)):
+            emb = self.model.embed(part)
+            rows = emb.reshape(-1, emb.shape[-1])
+            if self._buffer is None:
+                self._buffer = self._new_buffer(rows, len(part))
+            self._buffer.add(rows)
+
+    def _new_buffer(self, rows: torch.Tensor, images: int) -> EmbeddingBuffer:
+        model = self.model
+        per_image = len(rows) // images
+        total = per_image * len(self.trainer.train_dataloader.dataset)
+        make = getattr(model, "embedding_buffer", None)
+        dim = rows.shape[1]
+        buffer = (
+            make(total, dim, rows.device)
+            if make
+            else EmbeddingBuffer(total, dim, device=rows.device)
+        )
+        chunk = getattr(model, "chunk_vectors", None)
+        ratio = getattr(getattr(model, "sampler", None), "ratio", 1.0)
+        bank_rows = (
+            sum(num_samples(min(chunk, total - s), ratio) for s in range(0, total, chunk))
+            if chunk
+            else num_samples(total, ratio)
+        )
+        row_bytes = dim * torch.finfo(buffer.dtype).bits // 8
+        self.memory_stats = {
+            "train_vectors": total,
+            "dim": dim,
+            "buffer_dtype": str(buffer.dtype).removeprefix("torch."),
+            "storage": buffer.storage,
+            "chunk_vectors": chunk,
+            # Rows held in memory while extracting; on disk, the temporary file's size.
+            "buffer_mb": (0 if buffer.storage == "disk" else min(total, buffer.capacity))
+            * row_bytes
+            / 2**20,
+            "spill_mb": (total * row_bytes if buffer.storage == "disk" else 0) / 2**20,
+            "expected_bank_rows": bank_rows,
+            "expected_bank_mb": bank_rows * dim * 4 / 2**20,
+        }
+        where = (
+            f"{self.memory_stats['spill_mb']:.0f} MB temporary file (projections in memory)"
+            if buffer.storage == "disk"
+            else f"{self.memory_stats['buffer_mb']:.0f} MB buffer"
+        )
+        log.info(
+            "memory bank: %d images x %d vectors = %d vectors x %d %s -> %s%s; "
+            "bank after sampling: %d rows, %.1f MB",
+            total // per_image,
+            per_image,
+            total,
+            dim,
+            self.memory_stats["buffer_dtype"],
+            where,
+            f" (chunks of {chunk} vectors)" if chunk else "",
+            bank_rows,
+            self.memory_stats["expected_bank_mb"],
+        )
+        return buffer
 
     def _build_bank(self) -> None:
-        if not self._embeddings:
+        if self._buffer is None or not self._buffer.seen:
             return
-        embeddings = torch.cat(self._embeddings)
-        self._embeddings = []
+        buffer, self._buffer = self._buffer, None
         start = time.perf_counter()
-        self.model.fit(embeddings)
+        fit_buffer = getattr(self.model, "fit_buffer", None)
+        if fit_buffer is not None:
+            fit_buffer(buffer)
+        else:
+            self.model.fit(buffer.finish())
+        del buffer
         self.sample_s = time.perf_counter() - start
 
     # Lightning runs validation before on_train_epoch_end, so the bank is built by whichever comes

@@ -1,0 +1,179 @@
+"""Training embeddings streamed into one pre-allocated buffer, optionally subsampled chunk by chunk."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from defectlab.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_NUMPY = {torch.float32: np.float32, torch.float16: np.float16}
+
+
+def buffer_dtype(name: str) -> torch.dtype:
+    """``model.memory.dtype`` name -> torch dtype (ConfigError names the valid ones)."""
+    if name not in DTYPES:
+        raise ConfigError(f"model.memory.dtype={name}: choose one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+class EmbeddingBuffer:
+    """Collect ``(n, D)`` row blocks into storage allocated once, never a list + concatenate.
+
+    A list of batches followed by ``torch.cat`` holds every embedding twice at the peak (3 GB for
+    ELPV mono); this buffer holds them once, in ``dtype`` (float16 halves it again).
+
+    ``storage="disk"`` writes the rows to an anonymous temporary file instead and keeps only their
+    ``project``-ions in memory (128 floats a row for the coreset instead of 1024): the sampler
+    selects on those and only the selected rows are read back. Exact, and the process never holds
+    the raw embeddings (the page cache may, but the kernel can drop it).
+
+    With ``chunk`` set, the buffer holds at most ``chunk`` rows in memory: each time it fills,
+    ``reduce`` (the coreset) keeps its share of that chunk and the buffer is reused, so memory no
+    longer grows with the dataset. The kept rows are the union of per-chunk coresets, which covers
+    the data a little less evenly than one coreset over everything (README: chunked coreset).
+
+    Args:
+        total: rows expected over the whole pass (sizes the buffer when ``chunk`` is None).
+        dim: row dimension D.
+        dtype: storage dtype of the rows.
+        chunk: rows per chunk, or None to keep everything for one final reduction.
+        reduce: ``rows -> kept rows`` applied to each full chunk (needed with ``chunk``).
+        device: where in-memory rows live.
+        storage: ``ram`` or ``disk``.
+        project: row-wise ``rows -> projections`` kept in memory (needed with ``disk``).
+        spill_dir: folder of the temporary file (None = the system's temp folder).
+    """
+
+    STORAGES = ("ram", "disk")
+
+    def __init__(
+        self,
+        total: int,
+        dim: int,
+        dtype: torch.dtype = torch.float32,
+        chunk: int | None = None,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        device: torch.device | str = "cpu",
+        storage: str = "ram",
+        project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        spill_dir: str | None = None,
+    ) -> None:
+        if storage not in self.STORAGES:
+            raise ConfigError(f"model.memory.storage={storage}: choose one of {self.STORAGES}")
+        if chunk is not None and chunk < 1:
+            raise ConfigError(f"model.memory.chunk_vectors must be >= 1 or null, got {chunk}")
+        if chunk is not None and storage == "disk":
+            raise ConfigError(
+                "model.memory.chunk_vectors bounds memory by itself: use it with "
+                "model.memory.storage=ram (or chunk_vectors=null with storage=disk)"
+            )
+        if chunk is not None and reduce is None:
+            raise ValueError("a chunked EmbeddingBuffer needs a reduce function")
+        if storage == "disk" and project is None:
+            raise ValueError("a disk EmbeddingBuffer needs a project function")
+        self.dim, self.dtype, self.storage = dim, dtype, storage
+        self.chunked = chunk is not None
+        self.reduce, self.project = reduce, project
+        self.filled = 0
+        self.seen = 0
+        self._kept: list[torch.Tensor] = []
+        if storage == "disk":
+            spill = Path(spill_dir or tempfile.gettempdir())
+            if not spill.is_dir():
+                raise ConfigError(f"model.memory.spill_dir={spill} is not a folder")
+            # Anonymous: removed by the OS when closed or when the process dies.
+            self._file = tempfile.TemporaryFile(dir=spill)  # noqa: SIM115 - lives across add()s
+            self._projected: EmbeddingBuffer | None = None
+            self.capacity = total
+            self.buffer = torch.empty(0, dim, dtype=dtype)
+        else:
+            self.capacity = max(1, min(total, chunk) if chunk else total)
+            self.buffer = torch.empty(self.capacity, dim, dtype=dtype, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the rows held in memory (disk: their projections)."""
+        if self.storage == "disk":
+            return 0 if self._projected is None else self._projected.nbytes
+        return self.buffer.numel() * self.buffer.element_size()
+
+    @property
+    def disk_bytes(self) -> int:
+        return self.seen * self.dim * self.buffer.element_size() if self.storage == "disk" else 0
+
+    def add(self, rows: torch.Tensor) -> None:
+        """Append ``(n, D)`` rows (cast to the buffer dtype)."""
+        self.seen += len(rows)
+        if self.storage == "disk":
+            self._write(rows)
+            return
+        while len(rows):
+            if self.filled == self.capacity:
+                if not self.chunked:
+                    # More rows than announced (e.g. a dataset that grew): grow once, not per batch.
+                    self.buffer = torch.cat([self.buffer, torch.empty_like(self.buffer)])
+                    self.capacity = len(self.buffer)
+                else:
+                    self._flush()
+            take = min(len(rows), self.capacity - self.filled)
+            self.buffer[self.filled : self.filled + take] = rows[:take]
+            self.filled += take
+            rows = rows[take:]
+
+    def _write(self, rows: torch.Tensor) -> None:
+        projected = self.project(rows)
+        if self._projected is None:
+            self._projected = EmbeddingBuffer(self.capacity, projected.shape[1], projected.dtype)
+        self._projected.add(projected)
+        data = rows.detach().to("cpu", self.dtype).contiguous()
+        # numpy has no bfloat16: write the raw 16-bit words.
+        raw = data.view(torch.int16) if self.dtype == torch.bfloat16 else data
+        try:
+            self._file.write(raw.numpy().tobytes())
+        except OSError as err:
+            raise OSError(
+                f"model.memory.storage=disk: writing training embeddings to {self._file.name} "
+                f"failed ({err}); free space, set model.memory.spill_dir or use storage=ram"
+            ) from err
+        self.filled += len(rows)
+
+    def _flush(self) -> None:
+        if self.filled:
+            self._kept.append(self.reduce(self.buffer[: self.filled]))
+            self.filled = 0
+
+    def finish(self) -> torch.Tensor:
+        """All rows (ram: a view of the buffer) or the union of per-chunk reductions."""
+        if self.storage == "disk":
+            raise RuntimeError("a disk EmbeddingBuffer is read with projections() and gather()")
+        if not self.chunked:
+            return self.buffer[: self.filled]
+        self._flush()
+        kept, self._kept = self._kept, []
+        self.buffer = self.buffer[:0]  # release the chunk buffer
+        return torch.cat(kept) if kept else self.buffer
+
+    def projections(self) -> torch.Tensor:
+        """``(N, d*)`` projections of every row written (disk storage)."""
+        return self._projected.finish()
+
+    def gather(self, indices: torch.Tensor) -> torch.Tensor:
+        """Rows ``indices`` read back from disk as float32 ``(M, D)``; closes the file."""
+        self._file.flush()
+        np_dtype = np.int16 if self.dtype == torch.bfloat16 else DTYPE_NUMPY[self.dtype]
+        rows = np.memmap(self._file, dtype=np_dtype, mode="r", shape=(self.seen, self.dim))
+        order = indices.cpu().numpy()
+        picked = torch.from_numpy(np.ascontiguousarray(rows[np.sort(order)]))
+        del rows  # unmap before closing
+        self._file.close()
+        if self.dtype == torch.bfloat16:
+            picked = picked.view(torch.bfloat16)
+        # Sorted reads are sequential on disk; put the rows back in the sampler's order.
+        inverse = torch.from_numpy(np.argsort(np.argsort(order)))
+        return picked[inverse].float()
