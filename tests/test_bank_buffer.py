@@ -111,10 +111,10 @@ def test_fit_streams_into_the_buffer_float16_and_chunked(make_cfg, synthetic_roo
     common = (*FAST, f"data.root={synthetic_root}", "data.category=brick", "eval.plots=false")
     runs = {}
     for name, extra in {
-        "exact": [],
-        "half": ["model.memory.dtype=float16"],
-        "disk": ["model.memory.storage=disk"],
-        "chunked": ["model.memory.chunk_vectors=1000"],
+        "exact": ["model.memory.storage=ram"],
+        "half": ["model.memory.storage=ram", "model.memory.dtype=float16"],
+        "disk": [],  # the default
+        "chunked": ["model.memory.chunk_vectors=1000"],  # chunks stay in memory
     }.items():
         cfg = make_cfg(*common, *extra, out=tmp_path / name)
         runs[name] = run_training(cfg)

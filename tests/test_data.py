@@ -92,9 +92,8 @@ def test_truncated_image_error_names_the_file(synthetic_root, tmp_path):
     bad = root / "brick/test/good/003.png"
     bad.write_bytes(bad.read_bytes()[:200])
     dm = AnomalyDataModule(str(root), "brick", image_size=64, batch_size=64)
-    dm.setup()
-    with pytest.raises(DataError, match=r"test/good/003\.png: cannot be read"):
-        next(iter(dm.test_dataloader()))
+    with pytest.raises(DataError, match=r"(?s)1 bad file.*test/good/003\.png: cannot be read"):
+        dm.setup()  # at setup, before any model work
 
 
 def test_mask_of_wrong_size_error_names_the_file(synthetic_root, tmp_path):
@@ -102,9 +101,8 @@ def test_mask_of_wrong_size_error_names_the_file(synthetic_root, tmp_path):
     mask = root / "brick/ground_truth/scratch/002_mask.png"
     Image.new("L", (50, 50)).save(mask)
     dm = AnomalyDataModule(str(root), "brick", image_size=64, batch_size=64)
-    dm.setup()
     with pytest.raises(DataError, match=r"002_mask\.png: mask size \(50, 50\)"):
-        next(iter(dm.test_dataloader()))
+        dm.setup()
 
 
 def test_category_without_ground_truth_has_no_masks(synthetic_root, tmp_path):

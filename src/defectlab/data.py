@@ -9,10 +9,12 @@ Layout: ``<root>/<category>/train/good/*``, ``test/<defect_type>/*`` and, when p
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -24,6 +26,10 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from defectlab.errors import ConfigError, DataError
+from defectlab.imageio import DEFAULT_LIMITS, ImageLimits, load_image, load_mask
+
+log = logging.getLogger(__name__)
+BAD_FILE_POLICIES = ("error", "skip")
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 GOOD = "good"
@@ -46,6 +52,9 @@ class CategoryIndex:
     train: list[Sample]
     test: list[Sample]
     has_masks: bool
+    orphan_masks: list[Path] = field(default_factory=list)
+    # on_bad_file=skip: defective images left out because their mask is missing.
+    skipped: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def defect_types(self) -> list[str]:
@@ -58,8 +67,12 @@ def images_in(folder: Path) -> list[Path]:
     )
 
 
-def scan_category(root: str | Path, category: str) -> CategoryIndex:
-    """Index ``<root>/<category>`` in MVTec AD layout, raising :class:`DataError` on layout problems."""
+def scan_category(root: str | Path, category: str, on_bad_file: str = "error") -> CategoryIndex:
+    """Index ``<root>/<category>`` in MVTec AD layout, raising :class:`DataError` on layout problems.
+
+    ``on_bad_file=skip`` leaves out defective images whose mask is missing (listed in
+    ``skipped``) instead of raising; masks without an image are listed in ``orphan_masks``.
+    """
     root = Path(root)
     base = root / category
     if not base.is_dir():
@@ -86,14 +99,49 @@ def scan_category(root: str | Path, category: str) -> CategoryIndex:
             f"{test_dir} is missing: put test images in test/good and test/<defect_type>"
         )
     gt_dir = base / "ground_truth"
-    test = scan_labelled(test_dir, gt_dir if gt_dir.is_dir() else None)
-    return CategoryIndex(train=train, test=test, has_masks=gt_dir.is_dir())
+    skipped: list[dict[str, str]] = []
+    test = scan_labelled(
+        test_dir, gt_dir if gt_dir.is_dir() else None, skipped if on_bad_file == "skip" else None
+    )
+    orphans = orphan_masks(test_dir, gt_dir)
+    if orphans:
+        log.warning(
+            "%d mask(s) under %s have no test image (ignored): %s",
+            len(orphans),
+            gt_dir,
+            ", ".join(str(p) for p in orphans[:10]) + (" ..." if len(orphans) > 10 else ""),
+        )
+    return CategoryIndex(
+        train=train, test=test, has_masks=gt_dir.is_dir(), orphan_masks=orphans, skipped=skipped
+    )
 
 
-def scan_labelled(folder: Path, gt_dir: Path | None) -> list[Sample]:
+def orphan_masks(test_dir: Path, gt_dir: Path) -> list[Path]:
+    """Files in ``ground_truth/<type>/`` that are not ``<image stem>_mask.*`` of a test image."""
+    if not gt_dir.is_dir():
+        return []
+    orphans = []
+    for type_dir in sorted(d for d in gt_dir.iterdir() if d.is_dir()):
+        stems = (
+            {p.stem for p in images_in(test_dir / type_dir.name)}
+            if (test_dir / type_dir.name).is_dir()
+            else set()
+        )
+        orphans += [
+            m
+            for m in sorted(p for p in type_dir.iterdir() if p.is_file())
+            if m.stem.removesuffix("_mask") not in stems
+        ]
+    return orphans
+
+
+def scan_labelled(
+    folder: Path, gt_dir: Path | None, skipped: list[dict[str, str]] | None = None
+) -> list[Sample]:
     """Samples of a labelled folder: ``good/`` and ``<defect_type>/`` sub-folders.
 
-    With ``gt_dir``, every defective image needs ``<gt_dir>/<defect_type>/<name>_mask.png``.
+    With ``gt_dir``, every defective image needs ``<gt_dir>/<defect_type>/<name>_mask.png``;
+    a missing one raises DataError, or, given a ``skipped`` list, is recorded there and left out.
     """
     samples: list[Sample] = []
     for type_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
@@ -110,10 +158,15 @@ def scan_labelled(folder: Path, gt_dir: Path | None) -> list[Sample]:
             if gt_dir is not None:
                 mask = gt_dir / type_dir.name / f"{path.stem}_mask.png"
                 if not mask.is_file():
-                    raise DataError(
-                        f"{path}: its mask {mask} is missing. Add it, or remove {gt_dir} to run "
-                        "without pixel-level metrics."
+                    message = (
+                        f"{path}: its mask {mask} is missing. Add it, remove {gt_dir} to run "
+                        "without pixel-level metrics, or set data.on_bad_file=skip."
                     )
+                    if skipped is None:
+                        raise DataError(message)
+                    log.warning("skipping %s", message)
+                    skipped.append({"path": str(path), "reason": message})
+                    continue
             samples.append(Sample(path, 1, type_dir.name, mask))
     if not samples:
         raise DataError(f"{folder} holds no images: add good/ and <defect_type>/ folders")
@@ -142,37 +195,29 @@ def _digest(path: Path) -> str:
     return hashlib.sha1(path.read_bytes()).hexdigest()
 
 
-def load_image(path: Path) -> Image.Image:
-    """Open an image fully as RGB (grayscale is replicated to 3 channels), or raise DataError."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise DataError(
-            f"{path}: cannot be read as an image ({err}). Replace or remove the file."
-        ) from err
-
-
 def image_tensor(pil: Image.Image) -> tv_tensors.Image:
     """``(3, H, W)`` uint8 tensor of an RGB PIL image, ready for :func:`build_transform`."""
     return tv_tensors.Image(torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1))
 
 
-def load_mask(path: Path, size: tuple[int, int], image_path: Path) -> np.ndarray:
-    """Binary mask (any non-zero pixel is defective) of the image's size, or raise DataError."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            mask = img.convert("L")
-    except (OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{path}: cannot be read as a mask ({err}). Replace the file.") from err
-    if mask.size != size:
-        raise DataError(
-            f"{path}: mask size {mask.size} differs from its image {image_path} {size}; "
-            "masks must have the image's width and height"
-        )
-    return np.asarray(mask) > 0
+def check_samples(samples: list[Sample], limits: ImageLimits) -> list[dict[str, str]]:
+    """Decode every image (and its mask) once; ``[{"path", "reason"}]`` for each bad one.
+
+    Run before any model work, so a bad file fails the run (or is skipped) at the start, not in
+    the middle of testing. Threads: Pillow releases the GIL while decoding.
+    """
+
+    def one(sample: Sample) -> dict[str, str] | None:
+        try:
+            img = load_image(sample.path, limits)
+            if sample.mask_path is not None:
+                load_mask(sample.mask_path, img.size, sample.path, limits)
+        except DataError as err:
+            return {"path": str(sample.path), "reason": str(err)}
+        return None
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return [bad for bad in pool.map(one, samples) if bad is not None]
 
 
 def build_transform(image_size: int, crop_size: int | None) -> v2.Compose:
@@ -193,17 +238,24 @@ def build_transform(image_size: int, crop_size: int | None) -> v2.Compose:
 class AnomalyDataset(Dataset):
     """Samples -> batch dicts; ``with_masks`` adds a mask to every item (zeros for good images)."""
 
-    def __init__(self, samples: list[Sample], transform: Callable, with_masks: bool) -> None:
+    def __init__(
+        self,
+        samples: list[Sample],
+        transform: Callable,
+        with_masks: bool,
+        limits: ImageLimits = DEFAULT_LIMITS,
+    ) -> None:
         self.samples = samples
         self.transform = transform
         self.with_masks = with_masks
+        self.limits = limits
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
         s = self.samples[index]
-        pil = load_image(s.path)
+        pil = load_image(s.path, self.limits)
         image = image_tensor(pil)
         item = {"label": s.label, "defect_type": s.defect_type, "path": str(s.path)}
         if not self.with_masks:
@@ -212,7 +264,7 @@ class AnomalyDataset(Dataset):
         if s.mask_path is None:
             mask = np.zeros((pil.height, pil.width), dtype=bool)
         else:
-            mask = load_mask(s.mask_path, pil.size, s.path)
+            mask = load_mask(s.mask_path, pil.size, s.path, self.limits)
         image, mask_t = self.transform(image, tv_tensors.Mask(torch.from_numpy(mask).unsqueeze(0)))
         item["image"] = image
         item["mask"] = mask_t.to(torch.uint8)
@@ -286,6 +338,11 @@ class AnomalyDataModule(L.LightningDataModule):
         shuffle_train: shuffle training batches (seeded); trained models set it, memory banks
             keep the file order.
         prepare: optional callable ``prepare(root)`` that writes the layout (ELPV, synthetic).
+        on_bad_file: ``error`` (default): any unreadable image or mask, missing or mis-sized mask
+            stops the run at setup with every bad file listed; ``skip``: they are logged, left
+            out, and listed with their reason in results.json (``data_issues``).
+        min_image_side: images (and masks) whose shorter side is smaller are bad files.
+        max_image_pixels: images with more pixels are bad files (decompression-bomb guard).
     """
 
     def __init__(
@@ -302,8 +359,22 @@ class AnomalyDataModule(L.LightningDataModule):
         labeled_anomalies: int = 0,
         shuffle_train: bool = False,
         prepare: Callable[[Path], None] | None = None,
+        on_bad_file: str = "error",
+        min_image_side: int = 8,
+        max_image_pixels: int = 178_956_970,
     ) -> None:
         super().__init__()
+        if on_bad_file not in BAD_FILE_POLICIES:
+            raise ConfigError(f"data.on_bad_file={on_bad_file}: choose one of {BAD_FILE_POLICIES}")
+        if min_image_side < 1:
+            raise ConfigError(f"data.min_image_side must be >= 1, got {min_image_side}")
+        if max_image_pixels < min_image_side**2:
+            raise ConfigError(
+                f"data.max_image_pixels={max_image_pixels} is below data.min_image_side^2"
+            )
+        self.on_bad_file = on_bad_file
+        self.limits = ImageLimits(min_image_side, max_image_pixels)
+        self.skipped: list[dict[str, str]] = []
         self.root = Path(root)
         self.category = category
         self.transform = build_transform(image_size, crop_size)
@@ -329,7 +400,8 @@ class AnomalyDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.index is not None:
             return
-        self.index = scan_category(self.root, self.category)
+        index = scan_category(self.root, self.category, self.on_bad_file)
+        self.index = self._without_bad_files(index)
         fit, val = split_holdout(self.index.train, self.val_ratio, self.seed)
         masks = self.index.has_masks
         test, labeled = self.index.test, []
@@ -341,11 +413,37 @@ class AnomalyDataModule(L.LightningDataModule):
                 )
             labeled, test = take_labeled(test, self.labeled_anomalies, self.seed)
             self.labeled_counts = dict(Counter(s.defect_type for s in labeled))
-        self.fit_set = AnomalyDataset(fit + labeled, self.transform, with_masks=bool(labeled))
-        self.val_set = AnomalyDataset(val, self.transform, with_masks=False)
-        self.test_set = AnomalyDataset(test, self.transform, with_masks=masks)
+        self.fit_set = AnomalyDataset(fit + labeled, self.transform, bool(labeled), self.limits)
+        self.val_set = AnomalyDataset(val, self.transform, False, self.limits)
+        self.test_set = AnomalyDataset(test, self.transform, masks, self.limits)
         if self.val_dir is not None:
             self.labelled_val_set = self._labelled_val()
+
+    def _without_bad_files(self, index: CategoryIndex) -> CategoryIndex:
+        """Decode every file once; raise listing the bad ones, or leave them out (``skip``)."""
+        bad = check_samples(index.train + index.test, self.limits)
+        if bad and self.on_bad_file == "error":
+            listed = "\n  ".join(b["reason"] for b in bad[:20])
+            more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+            raise DataError(
+                f"{len(bad)} bad file(s) in {self.root / self.category}:\n  {listed}{more}\n"
+                "Fix or remove them, or set data.on_bad_file=skip to leave them out (each is "
+                "logged and listed in results.json)."
+            )
+        for b in bad:
+            log.warning("skipping %s", b["reason"])
+        self.skipped = index.skipped + bad
+        dropped = {b["path"] for b in bad}
+        train = [s for s in index.train if str(s.path) not in dropped]
+        test = [s for s in index.test if str(s.path) not in dropped]
+        if not train:
+            raise DataError(
+                f"{self.root / self.category}/train/good: none of its {len(index.train)} images "
+                "is readable (all skipped); see the warnings above"
+            )
+        if not test:
+            raise DataError(f"{self.root / self.category}/test: no readable test image left")
+        return CategoryIndex(train, test, index.has_masks, index.orphan_masks, self.skipped)
 
     def _labelled_val(self) -> AnomalyDataset:
         if not self.val_dir.is_dir():
@@ -356,7 +454,7 @@ class AnomalyDataModule(L.LightningDataModule):
         gt_dir = self.val_dir / "ground_truth"
         samples = scan_labelled(self.val_dir, gt_dir if gt_dir.is_dir() else None)
         check_no_overlap(samples, {"test": self.index.test, "training": self.index.train})
-        return AnomalyDataset(samples, self.transform, with_masks=gt_dir.is_dir())
+        return AnomalyDataset(samples, self.transform, gt_dir.is_dir(), self.limits)
 
     def _loader(self, dataset: AnomalyDataset, shuffle: bool = False) -> DataLoader:
         return DataLoader(

@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -18,7 +19,9 @@ from omegaconf.errors import MissingMandatoryValue
 from defectlab.callbacks import AnomalyImageWriter
 from defectlab.errors import ConfigError, DefectlabError
 from defectlab.experiment_log import finish, log_run
+from defectlab.provenance import provenance
 from defectlab.results import (
+    atomic_target,
     compare_metrics,
     format_summary,
     peak_rss_mb,
@@ -59,10 +62,8 @@ def _build_all(group: DictConfig | None) -> list:
 
 def save_checkpoint_atomic(trainer: L.Trainer, path: Path) -> None:
     """Save to a temporary name, then rename: an interrupted save never leaves a loadable stub."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    trainer.save_checkpoint(tmp)
-    tmp.replace(path)
+    with atomic_target(path) as tmp:
+        trainer.save_checkpoint(tmp)
 
 
 def config_snapshot(cfg: DictConfig) -> dict:
@@ -114,6 +115,20 @@ def build_model(cfg: DictConfig) -> tuple[Any, dict[str, Any] | None]:
     return model, training
 
 
+def check_input_size(model: Any, data: DictConfig) -> None:
+    """ConfigError unless the network input side is a multiple of what the model needs."""
+    multiple = getattr(model, "input_multiple", 1)
+    key = "data.crop_size" if data.get("crop_size") else "data.image_size"
+    size = data.get("crop_size") or data.image_size
+    if size % multiple:
+        lower, upper = size // multiple * multiple, (size // multiple + 1) * multiple
+        raise ConfigError(
+            f"{key}={size} is not a multiple of {multiple}, which {type(model).__name__} needs "
+            f"(its deepest layer downsamples by {multiple}): use {key}="
+            + (f"{lower} or {upper}" if lower else f"{upper}")
+        )
+
+
 def build_job(cfg: DictConfig, out_dir: Path) -> Job:
     """Instantiate data, model, system, trainer and the image writer (fails on bad config)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -130,6 +145,7 @@ def build_job(cfg: DictConfig, out_dir: Path) -> Job:
             f"{err.full_key} must be set, e.g. threshold=fixed threshold.value=12.5"
         ) from None
     model, training = build_model(cfg)
+    check_input_size(model, cfg.data)
     system = build_system(
         model,
         training,
@@ -214,12 +230,19 @@ def test_and_report(job: Job, ckpt: Path, extra: dict[str, Any]) -> dict[str, An
         },
         "counts": {
             "test": n_test,
+            "skipped_files": len(getattr(job.datamodule, "skipped", [])),
             "test_defective": sum(s.label for s in job.datamodule.test_set.samples),
             "labeled_anomalies": dict(job.datamodule.labeled_counts),
             **extra.pop("counts", {}),
         },
         "checkpoint": str(ckpt.resolve()),
         "seed": cfg.seed,
+        "provenance": provenance(cfg, system.model),
+        # on_bad_file=skip: what was left out, and masks with no image (ignored either way).
+        "data_issues": {
+            "skipped_files": list(getattr(job.datamodule, "skipped", [])),
+            "orphan_masks": [str(p) for p in getattr(job.datamodule.index, "orphan_masks", [])],
+        },
         "eval": OmegaConf.to_container(cfg.eval, resolve=True),
         "images": {"folder": str(job.image_writer.folder), "written": job.image_writer.count},
         **extra,
@@ -263,11 +286,38 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
                 "train": len(job.datamodule.fit_set),
                 "holdout": len(job.datamodule.val_set),
             },
+            "overrides": job_overrides(),
         },
     )
     finish(job.trainer.loggers)
     print(format_summary(results))
     print(f"results: {job.out_dir / 'results.json'}")
+    return results
+
+
+def job_overrides() -> list[str]:
+    """This job's command-line overrides (``resume=...`` left out); [] outside Hydra."""
+    try:
+        task = HydraConfig.get().overrides.task
+    except ValueError:  # HydraConfig not set: called from Python, not through @hydra.main
+        return []
+    return sorted(o for o in task if o.partition("=")[0].lstrip("+~") != "resume")
+
+
+def finished_results(out_dir: Path) -> dict[str, Any] | None:
+    """results.json of a job that completed earlier with this job's overrides, else None.
+
+    A failed, interrupted (no results.json) or differently configured job is run again.
+    """
+    path = out_dir / "results.json"
+    if not path.is_file() or not (out_dir / CHECKPOINT).is_file():
+        return None
+    try:
+        results = read_json(path)
+    except ValueError:  # unreadable: run again (writes are atomic, so only a foreign file)
+        return None
+    if results.get("status") != "completed" or results.get("overrides") != job_overrides():
+        return None
     return results
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import glob
 import importlib
 import os
@@ -166,8 +167,12 @@ class FeatureExtractor(nn.Module):
                 probe = timm.create_model(name, pretrained=False)
         except RuntimeError as err:
             if "Unknown model" in str(err):
+                close = difflib.get_close_matches(name, timm.list_models(), n=8, cutoff=0.6)
                 raise ConfigError(
-                    f"backbone.name={name}: unknown timm model; see timm.list_models('{name[:6]}*')"
+                    f"backbone.name={name}: unknown timm model"
+                    + (f"; close names: {close}" if close else "")
+                    + f". All: timm.list_models('{name[:6]}*'), or a config: backbone="
+                    "efficientnet_lite0|wide_resnet50_2|resnet18|... (conf/backbone/)"
                 ) from err
             raise
         available = [info["module"] for info in probe.feature_info]
@@ -205,6 +210,11 @@ class FeatureExtractor(nn.Module):
                 f"{len(result.missing_keys)} missing tensors, e.g. {result.missing_keys[:3]}"
             )
         return net
+
+    @property
+    def input_multiple(self) -> int:
+        """Image sides must be multiples of this: the deepest configured layer's stride."""
+        return max(self.reductions)
 
     def train(self, mode: bool = True) -> FeatureExtractor:
         # Frozen: BatchNorm statistics must never update, whatever Lightning asks for.

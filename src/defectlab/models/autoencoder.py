@@ -87,6 +87,11 @@ class ConvAutoencoder(nn.Module):
         self.anomaly_map = AnomalyMapGenerator(blur_sigma)
         self.map_score = MapScore(score, topk)
 
+    @property
+    def input_multiple(self) -> int:
+        """Image sides must be multiples of this (checked from the config before any work)."""
+        return 2**self.depth
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Reconstruct images ``(B, 3, H, W)`` in [0, 1]."""
         check_divisible(images, self.depth)

@@ -60,6 +60,11 @@ class FeatureKNN(nn.Module):
         self.register_buffer("feature_mean", torch.zeros(dim))
         self.register_buffer("feature_std", torch.ones(dim))
 
+    @property
+    def input_multiple(self) -> int:
+        """Image sides must be multiples of this (checked from the config before any work)."""
+        return self.extractor.input_multiple
+
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Global embeddings ``(B, D)`` of images ``(B, 3, H, W)`` in [0, 1] (not standardised)."""
@@ -91,9 +96,7 @@ class FeatureKNN(nn.Module):
         if len(self.memory_bank) == 0:
             raise RuntimeError("FeatureKNN has no train embeddings: fit it or load a checkpoint")
         queries = self._standardized(self.embed(images))
-        dist, _ = self.knn.ensure_fitted(self.memory_bank).search(
-            queries, k=min(self.k, len(self.memory_bank))
-        )
+        dist, _ = self.knn.ensure_fitted(self.memory_bank).search(queries, k=self.k)
         score = dist.mean(dim=1)
         flat = score.view(-1, 1, 1, 1).expand(-1, 1, *images.shape[-2:])
         return AnomalyOutput(score=score, anomaly_map=flat.contiguous())

@@ -86,6 +86,11 @@ class PatchCore(nn.Module):
         self.register_buffer("memory_bank", torch.empty(0, target_embed_dim))
 
     @property
+    def input_multiple(self) -> int:
+        """Image sides must be multiples of this (checked from the config before any work)."""
+        return self.extractor.input_multiple
+
+    @property
     def is_fitted(self) -> bool:
         return len(self.memory_bank) > 0
 
@@ -105,7 +110,8 @@ class PatchCore(nn.Module):
             chunk=self.chunk_vectors,
             reduce=self.subsample,
             device=device,
-            storage=self.storage,
+            # A chunk is bounded memory by itself: it is kept in memory whatever ``storage`` says.
+            storage="ram" if self.chunk_vectors else self.storage,
             project=self.sampler.project,
             spill_dir=self.spill_dir,
         )
@@ -176,7 +182,7 @@ class PatchCore(nn.Module):
         s_star, p_star = patch_scores.max(dim=1)
         if self.k == 1:
             return s_star
-        k = min(self.k, len(self.memory_bank))
+        k = self.k  # > bank size: NearestNeighbors raises (checked before fitting, too)
         m_star = self.memory_bank[nn_idx.gather(1, p_star[:, None])[:, 0]]  # (B, D)
         _, support = self._index().search(m_star, k=k)  # N_b(m*), (B, k)
         dim = patches.shape[-1]

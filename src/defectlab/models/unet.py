@@ -72,6 +72,11 @@ class UNet(nn.Module):
         self.anomaly_map = AnomalyMapGenerator(blur_sigma)
         self.map_score = MapScore(score, topk)
 
+    @property
+    def input_multiple(self) -> int:
+        """Image sides must be multiples of this (checked from the config before any work)."""
+        return 2**self.depth
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Defect logits ``(B, 1, H, W)`` of images ``(B, 3, H, W)`` in [0, 1]."""
         check_divisible(images, self.depth)

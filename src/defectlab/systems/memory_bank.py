@@ -11,6 +11,7 @@ from torch import nn
 
 from defectlab.components.bank_buffer import EmbeddingBuffer
 from defectlab.components.sampler import num_samples
+from defectlab.errors import ConfigError
 from defectlab.systems.base import AnomalySystem
 
 log = logging.getLogger(__name__)
@@ -20,9 +21,10 @@ class MemoryBankSystem(AnomalySystem):
     """Stream embeddings of the training images into one buffer, then build the memory bank once.
 
     Nothing is trained by gradient descent, so automatic optimisation is off (no dummy loss).
-    The buffer is sized from the first batch (rows per image x training images) and announced in
-    the log before the rest of the extraction; models with ``subsample`` and ``chunk_vectors``
-    (PatchCore) may subsample chunk by chunk instead of holding every embedding.
+    Before extraction, one training image is embedded to size the buffer (rows per image x
+    training images); the expected buffer and bank sizes are logged and ``model.k`` is checked
+    against the bank, so a bad value fails before the heavy work. Models with
+    ``embedding_buffer``/``fit_buffer`` (PatchCore) choose dtype, disk spill or chunking.
     """
 
     def __init__(self, model: nn.Module, **kwargs: Any) -> None:
@@ -32,8 +34,20 @@ class MemoryBankSystem(AnomalySystem):
         self.sample_s: float | None = None
         self.memory_stats: dict[str, Any] = {}
 
-    def on_train_epoch_start(self) -> None:
-        self._buffer = None
+    @torch.no_grad()
+    def on_train_start(self) -> None:
+        dataset = self.trainer.train_dataloader.dataset
+        first = dataset[0]["image"].unsqueeze(0).to(self.device)
+        emb = self.model.embed(first)
+        self._buffer = self._new_buffer(emb.reshape(-1, emb.shape[-1]), 1)
+        k = getattr(self.model, "k", 1)
+        rows = self.memory_stats["expected_bank_rows"]
+        if k > rows:
+            raise ConfigError(
+                f"model.k={k} exceeds the memory bank's {rows} rows "
+                f"({len(dataset)} training images, {self.memory_stats['train_vectors']} vectors "
+                "before sampling): lower model.k, raise sampler.ratio or add training images"
+            )
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         # Smaller forwards bound the activation memory (~15 MB per 224 px image for PatchCore's
