@@ -170,27 +170,25 @@ class EmbeddingBuffer:
         """
         self._file.flush()
         row_bytes = self.dim * self.buffer.element_size()
+        np_dtype = np.int16 if self.dtype == torch.bfloat16 else DTYPE_NUMPY[self.dtype]
         order = indices.cpu().numpy()
-        sorted_rows = np.sort(order)
-        raw = bytearray(len(order) * row_bytes)
+        perm = np.argsort(order, kind="stable")  # read in file order, place in sampler order
+        sorted_rows = order[perm]
+        out = np.empty((len(order), self.dim), dtype=np_dtype)
         fd = self._file.fileno()
+        done = 0
         # Runs of consecutive rows are read with one call each.
-        breaks = np.flatnonzero(np.diff(sorted_rows) != 1) + 1
-        pos = 0
-        for run in np.split(sorted_rows, breaks):
+        for run in np.split(sorted_rows, np.flatnonzero(np.diff(sorted_rows) != 1) + 1):
             if not len(run):
                 continue
             nbytes = len(run) * row_bytes
             chunk = os.pread(fd, nbytes, int(run[0]) * row_bytes)
             if len(chunk) != nbytes:
                 raise OSError(f"{self._file.name}: short read of spilled embeddings")
-            raw[pos : pos + nbytes] = chunk
-            pos += nbytes
+            out[perm[done : done + len(run)]] = np.frombuffer(chunk, np_dtype).reshape(-1, self.dim)
+            done += len(run)
         self._file.close()
-        np_dtype = np.int16 if self.dtype == torch.bfloat16 else DTYPE_NUMPY[self.dtype]
-        picked = torch.from_numpy(np.frombuffer(raw, dtype=np_dtype).reshape(len(order), self.dim))
+        picked = torch.from_numpy(out)
         if self.dtype == torch.bfloat16:
             picked = picked.view(torch.bfloat16)
-        # Sorted reads are sequential on disk; put the rows back in the sampler's order.
-        inverse = torch.from_numpy(np.argsort(np.argsort(order)))
-        return picked[inverse].float()
+        return picked.float()

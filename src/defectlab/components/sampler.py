@@ -147,8 +147,10 @@ class CoresetSampler:
         g = torch.Generator().manual_seed(self.seed + 1)
         anchors = torch.randperm(n, generator=g)[: min(self.num_starting_points, n)].to(z.device)
         # Squared distances keep the same argmax/min order as the paper's Euclidean ones.
-        min_d2 = torch.cdist(z, z[anchors]).mean(dim=1).square()
-        sq = z.square().sum(dim=1)
+        # Blockwise: whole-matrix cdist and square() each allocate copies the size of z.
+        blocks = z.split(self._block)
+        min_d2 = torch.cat([torch.cdist(b, z[anchors]).mean(dim=1) for b in blocks]).square()
+        sq = torch.cat([b.square().sum(dim=1) for b in blocks])
         selected: list[int] = []
         pending: list[int] = []  # picked since the last full update
         bar = tqdm(total=m, desc="coreset", disable=not self.progress, mininterval=1.0, leave=False)
