@@ -99,7 +99,7 @@ def test_too_small_and_too_large_images_are_refused(tmp_path):
     "content, match",
     [
         (b"", "zero-byte file"),
-        (b"this is a text file, not a png", "corrupt or not an image"),
+        (b"this is a text file, not a png", "not a recognised image format"),
         ("truncated", "truncated"),
     ],
     ids=["zero-byte", "not-an-image", "truncated"],

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from defectlab.errors import DataError
 
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 MIN_SIDE = 8
 MAX_PIXELS = 178_956_970  # Pillow's own decompression-bomb limit
 SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+REMEDY = "Replace or remove the file, or set data.on_bad_file=skip."
 
 # The size check below replaces Pillow's global bomb guard, which would refuse before it.
 Image.MAX_IMAGE_PIXELS = None
@@ -55,7 +56,7 @@ def _open(path: Path, what: str, limits: ImageLimits) -> Image.Image:
     except OSError as err:
         raise DataError(f"{path}: cannot be read ({err}). Check the file's permissions.") from err
     if not data:
-        raise DataError(f"{path}: zero-byte file, not an {what}. Replace or remove it.")
+        raise DataError(f"{path}: zero-byte file, not an {what}. {REMEDY}")
     try:
         # No warnings.catch_warnings here: it swaps global state and is not thread-safe
         # (check_samples decodes in threads), which silenced unrelated warnings for good.
@@ -70,11 +71,14 @@ def _open(path: Path, what: str, limits: ImageLimits) -> Image.Image:
             img = ImageOps.exif_transpose(img)
     except DataError:
         raise
-    except Exception as err:  # Pillow raises many types for corrupt data; all mean "unreadable"
-        kind = "truncated" if "truncated" in str(err).lower() else "corrupt or not an image"
+    except UnidentifiedImageError as err:
         raise DataError(
-            f"{path}: cannot be read as an {what} ({kind}: {type(err).__name__}: {err}). "
-            "Replace or remove the file, or set data.on_bad_file=skip."
+            f"{path}: cannot be read as an {what} (not a recognised image format). {REMEDY}"
+        ) from err
+    except Exception as err:  # Pillow raises many types for corrupt data; all mean "unreadable"
+        kind = "truncated" if "truncated" in str(err).lower() else "corrupt"
+        raise DataError(
+            f"{path}: cannot be read as an {what} ({kind}: {type(err).__name__}: {err}). {REMEDY}"
         ) from err
     if min(img.size) < limits.min_side:
         raise DataError(

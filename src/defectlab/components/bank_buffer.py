@@ -158,8 +158,10 @@ class EmbeddingBuffer:
         return torch.cat(kept) if kept else self.buffer
 
     def projections(self) -> torch.Tensor:
-        """``(N, d*)`` projections of every row written (disk storage)."""
-        return self._projected.finish()
+        """``(N, d*)`` projections of every row written (disk storage), handed over: the buffer
+        drops them, so they are freed as soon as the caller is done (before :meth:`gather`)."""
+        projected, self._projected = self._projected, None
+        return projected.finish()
 
     def gather(self, indices: torch.Tensor) -> torch.Tensor:
         """Rows ``indices`` read back from disk as float32 ``(M, D)``; closes the file.
