@@ -2,10 +2,7 @@
 writes, resumable sweeps, and deterministic runs with their provenance."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +13,8 @@ from defectlab.errors import ConfigError, DataError
 from defectlab.results import write_json_atomic
 from defectlab.runner import build, build_job, run_training, save_checkpoint_atomic
 
-from .conftest import ROOT
 from .test_bad_input import _copy, _damage
+from .test_sweep import _run
 from .test_train import FAST
 
 pytestmark = pytest.mark.e2e
@@ -121,9 +118,7 @@ def test_resume_skips_finished_jobs_and_reruns_failed_ones(synthetic_root, tmp_p
     root = _copy(synthetic_root, tmp_path)
     shutil.move(root / "grass/train", tmp_path / "grass_train")  # grass fails the first time
     sweep = tmp_path / "sweep"
-    cmd = [
-        sys.executable,
-        "train.py",
+    args = [
         "-m",
         *FAST,
         f"data.root={root}",
@@ -132,8 +127,7 @@ def test_resume_skips_finished_jobs_and_reruns_failed_ones(synthetic_root, tmp_p
         "eval.images.max_per_type=0",
         f"hydra.sweep.dir={sweep}",
     ]
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    first = _run(args)
     assert first.returncode == 0, first.stderr[-2000:]
     brick = json.loads((sweep / "0" / "results.json").read_text())
     assert brick["status"] == "completed"
@@ -141,9 +135,7 @@ def test_resume_skips_finished_jobs_and_reruns_failed_ones(synthetic_root, tmp_p
     stamp = (sweep / "0" / "results.json").stat().st_mtime_ns
 
     shutil.move(tmp_path / "grass_train", root / "grass/train")  # cause fixed
-    again = subprocess.run(
-        [*cmd, "resume=true"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
+    again = _run([*args, "resume=true"])
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"skipped (finished earlier): {sweep / '0'}" in again.stdout
     assert (sweep / "0" / "results.json").stat().st_mtime_ns == stamp  # untouched
