@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 
 from defectlab.models.output import predict_in_slices
 from defectlab.runner import build, build_model
+from defectlab.systems.memory_bank import embedding_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,16 +75,15 @@ def measure(overrides: list[str], max_test: int, batch: int) -> dict:
         model.eval()
 
         # The same path as training: model.memory's buffer (dtype, storage, chunking).
-        per_image = model.embed(datamodule.fit_set[0]["image"][None]).shape[1:3].numel()
+        per_image = len(next(embedding_rows(model, datamodule.fit_set[0]["image"][None])))
         buffer = model.embedding_buffer(
             len(datamodule.fit_set) * per_image, model.memory_bank.shape[1]
         )
         start = time.perf_counter()
         fit_images = 0
         for b in datamodule.train_dataloader():
-            for part in b["image"].split(model.embed_batch or len(b["image"])):
-                emb = model.embed(part)
-                buffer.add(emb.reshape(-1, emb.shape[-1]))
+            for rows in embedding_rows(model, b["image"]):
+                buffer.add(rows)
             fit_images += len(b["image"])
         fit_vectors, buffer_mb = buffer.seen, buffer.nbytes / 2**20
         # Chunked: the per-chunk coresets ran during extraction; their time counts as extract.

@@ -16,6 +16,23 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 DTYPE_NUMPY = {torch.float32: np.float32, torch.float16: np.float16}
 
 
+STORAGES = ("ram", "disk")
+
+
+def check_storage(storage: str) -> str:
+    """``model.memory.storage`` value, or ConfigError naming the valid ones."""
+    if storage not in STORAGES:
+        raise ConfigError(f"model.memory.storage={storage}: choose one of {STORAGES}")
+    return storage
+
+
+def check_count(key: str, value: int | None) -> int | None:
+    """A ``model.memory.<key>`` that is null or >= 1, or ConfigError."""
+    if value is not None and value < 1:
+        raise ConfigError(f"model.memory.{key} must be >= 1 or null, got {value}")
+    return value
+
+
 def buffer_dtype(name: str) -> torch.dtype:
     """``model.memory.dtype`` name -> torch dtype (ConfigError names the valid ones)."""
     if name not in DTYPES:
@@ -51,8 +68,6 @@ class EmbeddingBuffer:
         spill_dir: folder of the temporary file (None = the system's temp folder).
     """
 
-    STORAGES = ("ram", "disk")
-
     def __init__(
         self,
         total: int,
@@ -65,10 +80,8 @@ class EmbeddingBuffer:
         project: Callable[[torch.Tensor], torch.Tensor] | None = None,
         spill_dir: str | None = None,
     ) -> None:
-        if storage not in self.STORAGES:
-            raise ConfigError(f"model.memory.storage={storage}: choose one of {self.STORAGES}")
-        if chunk is not None and chunk < 1:
-            raise ConfigError(f"model.memory.chunk_vectors must be >= 1 or null, got {chunk}")
+        check_storage(storage)
+        check_count("chunk_vectors", chunk)
         if chunk is not None and storage == "disk":
             raise ValueError("a chunked EmbeddingBuffer keeps its chunk in memory: storage=ram")
         if chunk is not None and reduce is None:
@@ -102,8 +115,13 @@ class EmbeddingBuffer:
         return self.buffer.numel() * self.buffer.element_size()
 
     @property
+    def row_bytes(self) -> int:
+        """Bytes of one stored row (in memory or on disk)."""
+        return self.dim * self.buffer.element_size()
+
+    @property
     def disk_bytes(self) -> int:
-        return self.seen * self.dim * self.buffer.element_size() if self.storage == "disk" else 0
+        return self.seen * self.row_bytes if self.storage == "disk" else 0
 
     def add(self, rows: torch.Tensor) -> None:
         """Append ``(n, D)`` rows (cast to the buffer dtype)."""
@@ -139,7 +157,6 @@ class EmbeddingBuffer:
                 f"model.memory.storage=disk: writing training embeddings to {self._file.name} "
                 f"failed ({err}); free space, set model.memory.spill_dir or use storage=ram"
             ) from err
-        self.filled += len(rows)
 
     def _flush(self) -> None:
         if self.filled:
@@ -171,7 +188,7 @@ class EmbeddingBuffer:
         put most of the file into this process's RSS even for a 10 % selection.
         """
         self._file.flush()
-        row_bytes = self.dim * self.buffer.element_size()
+        row_bytes = self.row_bytes
         np_dtype = np.int16 if self.dtype == torch.bfloat16 else DTYPE_NUMPY[self.dtype]
         order = indices.cpu().numpy()
         perm = np.argsort(order, kind="stable")  # read in file order, place in sampler order

@@ -16,7 +16,12 @@ from defectlab.components import (
     Sampler,
     resize_bank_for_load,
 )
-from defectlab.components.bank_buffer import EmbeddingBuffer, buffer_dtype
+from defectlab.components.bank_buffer import (
+    EmbeddingBuffer,
+    buffer_dtype,
+    check_count,
+    check_storage,
+)
 from defectlab.errors import ConfigError
 from defectlab.models.output import AnomalyOutput
 
@@ -65,18 +70,10 @@ class PatchCore(nn.Module):
         self.anomaly_map = AnomalyMapGenerator(blur_sigma)
         memory = dict(memory or {})
         self.buffer_dtype = buffer_dtype(memory.pop("dtype", "float32"))
-        self.chunk_vectors = memory.pop("chunk_vectors", None)
-        self.embed_batch = memory.pop("embed_batch", None)
-        self.storage = memory.pop("storage", "ram")
+        self.chunk_vectors = check_count("chunk_vectors", memory.pop("chunk_vectors", None))
+        self.embed_batch = check_count("embed_batch", memory.pop("embed_batch", None))
+        self.storage = check_storage(memory.pop("storage", "ram"))
         self.spill_dir = memory.pop("spill_dir", None)
-        if self.storage not in EmbeddingBuffer.STORAGES:
-            raise ConfigError(
-                f"model.memory.storage={self.storage}: choose one of {EmbeddingBuffer.STORAGES}"
-            )
-        for key in ("chunk_vectors", "embed_batch"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise ConfigError(f"model.memory.{key} must be >= 1 or null, got {value}")
         if memory:
             raise ConfigError(
                 f"unknown model.memory keys {sorted(memory)}: "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -15,6 +16,17 @@ from defectlab.errors import ConfigError
 from defectlab.systems.base import AnomalySystem
 
 log = logging.getLogger(__name__)
+
+
+def embedding_rows(model: nn.Module, images: torch.Tensor) -> Iterator[torch.Tensor]:
+    """``(n, D)`` embedding rows of ``images``, in slices of ``model.embed_batch`` images.
+
+    Smaller forwards bound the activation memory (~15 MB per 224 px image for PatchCore's
+    1024-channel maps) and were no slower on CPU; each image's features do not depend on them.
+    """
+    for part in images.split(getattr(model, "embed_batch", None) or len(images)):
+        emb = model.embed(part)
+        yield emb.reshape(-1, emb.shape[-1])
 
 
 class MemoryBankSystem(AnomalySystem):
@@ -38,8 +50,7 @@ class MemoryBankSystem(AnomalySystem):
     def on_train_start(self) -> None:
         dataset = self.trainer.train_dataloader.dataset
         first = dataset[0]["image"].unsqueeze(0).to(self.device)
-        emb = self.model.embed(first)
-        self._buffer = self._new_buffer(emb.reshape(-1, emb.shape[-1]), 1)
+        self._buffer = self._new_buffer(next(embedding_rows(self.model, first)))
         k = getattr(self.model, "k", 1)
         rows = self.memory_stats["expected_bank_rows"]
         if k > rows:
@@ -50,19 +61,13 @@ class MemoryBankSystem(AnomalySystem):
             )
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        # Smaller forwards bound the activation memory (~15 MB per 224 px image for PatchCore's
-        # 1024-channel maps) and are no slower on CPU; each image's features do not depend on it.
-        images = batch["image"]
-        for part in images.split(getattr(self.model, "embed_batch", None) or len(images)):
-            emb = self.model.embed(part)
-            rows = emb.reshape(-1, emb.shape[-1])
-            if self._buffer is None:
-                self._buffer = self._new_buffer(rows, len(part))
+        for rows in embedding_rows(self.model, batch["image"]):
             self._buffer.add(rows)
 
-    def _new_buffer(self, rows: torch.Tensor, images: int) -> EmbeddingBuffer:
+    def _new_buffer(self, rows: torch.Tensor) -> EmbeddingBuffer:
+        """The model's buffer, sized from one image's ``rows``; logs the expected sizes."""
         model = self.model
-        per_image = len(rows) // images
+        per_image = len(rows)
         total = per_image * len(self.trainer.train_dataloader.dataset)
         make = getattr(model, "embedding_buffer", None)
         dim = rows.shape[1]
@@ -78,7 +83,6 @@ class MemoryBankSystem(AnomalySystem):
             if chunk
             else num_samples(total, ratio)
         )
-        row_bytes = dim * torch.finfo(buffer.dtype).bits // 8
         self.memory_stats = {
             "train_vectors": total,
             "dim": dim,
@@ -86,10 +90,8 @@ class MemoryBankSystem(AnomalySystem):
             "storage": buffer.storage,
             "chunk_vectors": chunk,
             # Rows held in memory while extracting; on disk, the temporary file's size.
-            "buffer_mb": (0 if buffer.storage == "disk" else min(total, buffer.capacity))
-            * row_bytes
-            / 2**20,
-            "spill_mb": (total * row_bytes if buffer.storage == "disk" else 0) / 2**20,
+            "buffer_mb": buffer.nbytes / 2**20,
+            "spill_mb": (total * buffer.row_bytes if buffer.storage == "disk" else 0) / 2**20,
             "expected_bank_rows": bank_rows,
             "expected_bank_mb": bank_rows * dim * 4 / 2**20,
         }
