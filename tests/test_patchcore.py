@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.v2.functional import gaussian_blur
 
 from defectlab.components import (
     AnomalyMapGenerator,
@@ -33,7 +34,7 @@ def _literal_embedding(features, pretrain_dim, target_dim, p=3):
     )
 
 
-@pytest.mark.parametrize("dims", [(64, 32), (200, 48)])
+@pytest.mark.parametrize("dims", [(64, 32), (200, 48), (50, 48)])  # last: a layer-straddling output
 def test_embedder_equals_literal_reference(dims):
     torch.manual_seed(0)
     feats = [
@@ -41,8 +42,6 @@ def test_embedder_equals_literal_reference(dims):
         torch.randn(2, 20, 4, 4, dtype=torch.float64),
     ]
     embedder = PatchEmbedder([12, 20], *dims).double()
-    for i in range(2):  # kernels are built in float32; compare in float64 for a tight tolerance
-        getattr(embedder, f"kernel{i}").data = getattr(embedder, f"kernel{i}").double()
     ours = embedder(feats).permute(0, 2, 3, 1)
     torch.testing.assert_close(ours, _literal_embedding(feats, *dims), atol=1e-6, rtol=1e-6)
 
@@ -99,6 +98,16 @@ def test_anomaly_map_shape_and_blur():
     peak = divmod(int(blurred[0].flatten().argmax()), 64)
     assert all(abs(c - 35.5) <= 1 for c in peak)  # centre of patch (4, 4) at stride 8
     assert AnomalyMapGenerator(4).kernel_size == 33  # scipy's truncate=4 radius
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.5, 4.0])
+def test_separable_blur_equals_torchvision(sigma):
+    torch.manual_seed(0)
+    maps = torch.rand(3, 1, 40, 48, dtype=torch.float64)
+    blur = AnomalyMapGenerator(sigma)
+    size = [blur.kernel_size] * 2
+    expected = gaussian_blur(maps, kernel_size=size, sigma=[sigma] * 2)
+    torch.testing.assert_close(blur(maps, (40, 48)), expected, atol=1e-12, rtol=1e-12)
 
 
 def test_memory_bank_resizes_on_load_and_scores_match():

@@ -5,7 +5,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.transforms.v2.functional import gaussian_blur
 
 from defectlab.errors import ConfigError
 
@@ -38,8 +37,23 @@ class AnomalyMapGenerator(nn.Module):
         if tuple(amap.shape[-2:]) != tuple(size):
             amap = F.interpolate(amap, size=size, mode="bilinear", align_corners=False)
         if self.sigma > 0:
-            amap = gaussian_blur(amap, kernel_size=[self.kernel_size] * 2, sigma=[self.sigma] * 2)
+            amap = self._blur(amap)
         return amap
+
+    def _blur(self, amap: torch.Tensor) -> torch.Tensor:
+        """Gaussian blur with reflect padding, as torchvision's ``gaussian_blur``, done separably.
+
+        torchvision convolves with the full K x K kernel (K = 33 at sigma 4: 1089 multiply-adds
+        per pixel, ~9 ms per 224 px map on 2 CPU cores); a row pass and a column pass give the same
+        map (tested) with 2K.
+        """
+        radius = self.kernel_size // 2
+        offsets = torch.arange(-radius, radius + 1, dtype=amap.dtype, device=amap.device)
+        kernel = torch.softmax(-offsets.square() / (2 * self.sigma**2), dim=0)
+        channels = amap.shape[1]
+        amap = F.pad(amap, [radius] * 4, mode="reflect")
+        amap = F.conv2d(amap, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+        return F.conv2d(amap, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
 
 
 class MapScore(nn.Module):
