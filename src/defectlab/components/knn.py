@@ -32,6 +32,11 @@ class NearestNeighbors:
         nprobe: ``ivf`` cells searched per query.
         hnsw_m: ``hnsw`` neighbours per node.
         ef_search: ``hnsw`` search breadth.
+        pca_dim: approximate indexes only: search in the bank's top ``pca_dim`` principal
+            components (0 = full dimension). Cuts the per-query work by ``D / pca_dim``; pair it
+            with ``refine`` so the final pick is made on exact distances.
+        refine: approximate indexes only: take ``refine * k`` candidates and keep the ``k`` with
+            the smallest exact distances (faiss ``IndexRefineFlat``; 1 = off).
     """
 
     BACKENDS = ("auto", "faiss", "torch", "ivf", "hnsw")
@@ -45,6 +50,8 @@ class NearestNeighbors:
         nprobe: int = 8,
         hnsw_m: int = 32,
         ef_search: int = 64,
+        pca_dim: int = 0,
+        refine: int = 1,
     ) -> None:
         if backend not in self.BACKENDS:
             raise ConfigError(f"model.knn.backend={backend}: choose one of {self.BACKENDS}")
@@ -57,13 +64,21 @@ class NearestNeighbors:
             ("nprobe", nprobe, 1),
             ("hnsw_m", hnsw_m, 2),
             ("ef_search", ef_search, 1),
+            ("pca_dim", pca_dim, 0),
+            ("refine", refine, 1),
         ]:
             if value < low:
                 raise ConfigError(f"model.knn.{key} must be >= {low}, got {value}")
+        if (pca_dim or refine > 1) and backend not in self.APPROXIMATE:
+            raise ConfigError(
+                f"model.knn.pca_dim / refine apply to the approximate backends {self.APPROXIMATE}, "
+                f"not backend={backend} (exact search needs neither)"
+            )
         self.backend = backend
         self.chunk_size = chunk_size
         self.nlist, self.nprobe = nlist, nprobe
         self.hnsw_m, self.ef_search = hnsw_m, ef_search
+        self.pca_dim, self.refine = pca_dim, refine
         self._bank: torch.Tensor | None = None
         self._index = None
 
@@ -78,17 +93,29 @@ class NearestNeighbors:
 
     def _new_index(self, bank: np.ndarray):
         dim = bank.shape[1]
+        if self.pca_dim >= dim:
+            raise ConfigError(
+                f"model.knn.pca_dim={self.pca_dim} must be below the feature dimension {dim} "
+                "(0 = no projection)"
+            )
+        inner_dim = self.pca_dim or dim
         if self.backend == "hnsw":
-            index = faiss.IndexHNSWFlat(dim, self.hnsw_m)
+            index = faiss.IndexHNSWFlat(inner_dim, self.hnsw_m)
             index.hnsw.efSearch = self.ef_search
         elif self.backend == "ivf":
             nlist = self.nlist or round(4 * math.sqrt(len(bank)))
             nlist = max(1, min(nlist, len(bank) // 39 or 1))  # faiss wants >= 39 points per cell
-            index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, nlist)
-            index.train(bank)
+            index = faiss.IndexIVFFlat(faiss.IndexFlatL2(inner_dim), inner_dim, nlist)
             index.nprobe = min(self.nprobe, nlist)
         else:
             index = faiss.IndexFlatL2(dim)
+        # faiss's Python wrappers keep the wrapped index alive, and train() trains the chain.
+        if self.pca_dim:
+            index = faiss.IndexPreTransform(faiss.PCAMatrix(dim, self.pca_dim), index)
+        if self.refine > 1:
+            index = faiss.IndexRefineFlat(index)
+            index.k_factor = self.refine
+        index.train(bank)
         index.add(bank)
         return index
 
