@@ -8,14 +8,19 @@ Stages, each timed on its own after warm-up:
   coreset  the sampler on all fit embeddings
   knn      nearest-neighbour search + image score (Eq. 7), on test images
   map      anomaly-map upsampling + blur, on test images
-and the whole ``predict`` at batch 1 and 32. Writes ``patchcore_speed.json`` / ``.md`` into
-``--out`` (default ``benchmarks/results``) with the machine it ran on.
+and the whole ``predict`` at batch 1 and 32. The backbone's forward alone (the floor) is timed
+in the same process, alternating with ``predict`` round by round, so that both see the same
+machine load (on a shared 2-core machine the floor alone varied 2x between processes); the
+share of the floor is ``predict`` images/s over backbone images/s, the backbone taking the faster
+of the full batch and ``model.memory.embed_batch`` slices. Writes ``patchcore_speed.json`` /
+``.md`` into ``--out`` (default ``benchmarks/results``) with the machine it ran on.
 """
 
 from __future__ import annotations
 
 import argparse
 import resource
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -42,6 +47,19 @@ def _timed(fn, repeats: int = 1) -> tuple[float, object]:
     for _ in range(repeats):
         out = fn()
     return (time.perf_counter() - start) / repeats, out
+
+
+def _interleaved(fns: dict, rounds: int) -> dict[str, float]:
+    """Median seconds per call of each of ``fns``, called in turn ``rounds`` times (after one warm-up)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def compose_config(overrides: list[str], out_dir: Path):
@@ -104,7 +122,10 @@ def measure(overrides: list[str], max_test: int, batch: int) -> dict:
         embed1_s, _ = _timed(lambda: model.embed(one), repeats=10)
         knn1_s, (patch1, _) = _timed(lambda: model.score_patches(emb1), repeats=10)
         map1_s, _ = _timed(lambda: model.anomaly_map(patch1, size), repeats=10)
-        predict1_s, _ = _timed(lambda: model.predict(one), repeats=10)
+        one_s = _interleaved(
+            {"predict": lambda: model.predict(one), "backbone": lambda: model.extractor(one)},
+            rounds=20,
+        )
 
         many = images[:batch]
         step = model.embed_batch  # as in training/testing: slices of embed_batch images
@@ -117,7 +138,17 @@ def measure(overrides: list[str], max_test: int, batch: int) -> dict:
         embedn_s, _ = _timed(embed_many, repeats=3)
         knnn_s, (patchn, _) = _timed(lambda: model.score_patches(embn), repeats=3)
         mapn_s, _ = _timed(lambda: model.anomaly_map(patchn, size), repeats=3)
-        predictn_s, _ = _timed(lambda: predict_in_slices(model, many, step), repeats=3)
+        many_s = _interleaved(
+            {
+                "predict": lambda: predict_in_slices(model, many, step),
+                "backbone": lambda: model.extractor(many),
+                "backbone_sliced": lambda: [model.extractor(p) for p in many.split(step or batch)],
+            },
+            rounds=5,
+        )
+        predict1_s, predictn_s = one_s["predict"], many_s["predict"]
+        floor1_s = one_s["backbone"]
+        floorn_s = min(many_s["backbone"], many_s["backbone_sliced"])
 
     return {
         "overrides": overrides,
@@ -156,6 +187,8 @@ def measure(overrides: list[str], max_test: int, batch: int) -> dict:
             "predict": 1000 * predictn_s / batch,
         },
         "images_per_s": {"batch1": 1 / predict1_s, f"batch{batch}": batch / predictn_s},
+        "backbone_images_per_s": {"batch1": 1 / floor1_s, f"batch{batch}": batch / floorn_s},
+        "share_of_floor": {"batch1": floor1_s / predict1_s, f"batch{batch}": floorn_s / predictn_s},
     }
 
 
@@ -173,9 +206,12 @@ def to_markdown(row: dict) -> str:
             f"| {stage}: batch 1 / batch {b} per image | {row['batch1_ms'][stage]:.1f} / "
             f"{row['batchN_ms_per_image'][stage]:.1f} ms |"
         )
-    ips = row["images_per_s"]
+    ips, floor, share = row["images_per_s"], row["backbone_images_per_s"], row["share_of_floor"]
     lines += [
         f"| images/s batch 1 / batch {b} | {ips['batch1']:.2f} / {ips[f'batch{b}']:.2f} |",
+        f"| backbone forward only, images/s, same process | {floor['batch1']:.2f} / "
+        f"{floor[f'batch{b}']:.2f} |",
+        f"| share of the backbone floor | {share['batch1']:.0%} / {share[f'batch{b}']:.0%} |",
         f"| embedding buffer in memory ({row['buffer_dtype']}, {row['storage']}, chunk {row['chunk_vectors']}) | {row['buffer_mb']:.0f} MB |",
         f"| bank | {row['bank_mb']:.1f} MB |",
         f"| peak RSS after extraction / overall | {row['peak_rss_after_extract_mb']:.0f} / {row['peak_rss_mb']:.0f} MB |",

@@ -46,6 +46,10 @@ def test_patchcore_speed_and_backbone_floor_write_their_tables(synthetic_root, t
     for stage in ("embed", "knn", "map", "predict"):
         assert row["batch1_ms"][stage] > 0 and row["batchN_ms_per_image"][stage] > 0
     assert row["peak_rss_mb"] >= row["peak_rss_after_extract_mb"] > 0
+    for key in ("batch1", "batch4"):  # floor timed in the same process
+        assert row["backbone_images_per_s"][key] > 0
+        expected = row["images_per_s"][key] / row["backbone_images_per_s"][key]
+        assert row["share_of_floor"][key] == pytest.approx(expected)
 
     floor = [sys.executable, "benchmarks/backbone_floor.py", *overrides, "--repeats", "3"]
     floor += ["--speed", str(tmp_path / "patchcore_speed.json")]
