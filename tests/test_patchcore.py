@@ -90,7 +90,7 @@ def test_anomaly_map_shape_and_blur():
     plain = AnomalyMapGenerator(sigma=0)(scores, (64, 64))
     blurred = AnomalyMapGenerator(sigma=4)(scores, (64, 64))
     assert plain.shape == blurred.shape == (2, 1, 64, 64)
-    assert torch.equal(
+    torch.testing.assert_close(
         plain, F.interpolate(scores, size=(64, 64), mode="bilinear", align_corners=False)
     )
     assert blurred[0].max() < plain[0].max()  # smoothed peak
@@ -100,14 +100,17 @@ def test_anomaly_map_shape_and_blur():
     assert AnomalyMapGenerator(4).kernel_size == 33  # scipy's truncate=4 radius
 
 
-@pytest.mark.parametrize("sigma", [0.5, 1.5, 4.0])
-def test_separable_blur_equals_torchvision(sigma):
+@pytest.mark.parametrize("sigma", [0.0, 0.5, 1.5, 4.0])
+@pytest.mark.parametrize("grid", [(40, 48), (10, 12), (5, 24)])
+def test_map_operators_equal_resize_then_torchvision_blur(sigma, grid):
     torch.manual_seed(0)
-    maps = torch.rand(3, 1, 40, 48, dtype=torch.float64)
-    blur = AnomalyMapGenerator(sigma)
-    size = [blur.kernel_size] * 2
-    expected = gaussian_blur(maps, kernel_size=size, sigma=[sigma] * 2)
-    torch.testing.assert_close(blur(maps, (40, 48)), expected, atol=1e-12, rtol=1e-12)
+    scores = torch.rand(3, 1, *grid, dtype=torch.float64)
+    expected = F.interpolate(scores, size=(40, 48), mode="bilinear", align_corners=False)
+    if sigma:
+        size = [AnomalyMapGenerator(sigma).kernel_size] * 2
+        expected = gaussian_blur(expected, kernel_size=size, sigma=[sigma] * 2)
+    ours = AnomalyMapGenerator(sigma)(scores, (40, 48))
+    torch.testing.assert_close(ours, expected, atol=1e-12, rtol=1e-12)
 
 
 def test_memory_bank_resizes_on_load_and_scores_match():

@@ -125,6 +125,7 @@ def _export_onnx(module: DeployModule, path: Path, opset: int) -> None:
     if module.input_size is None:
         raise ConfigError("ONNX export needs a fixed input size (see DeployModule)")
     with torch.no_grad():
+        module(_example(module))  # eager warm-up: size-dependent constants (map operators) exist
         torch.onnx.export(
             module,
             (_example(module),),
