@@ -40,17 +40,20 @@ def test_ivf_probing_every_cell_and_wide_hnsw_are_exact():
         torch.testing.assert_close(dist.double(), ref_d, atol=1e-4, rtol=1e-4)
 
 
-def test_approximate_search_never_beats_exact_and_fills_short_probes():
+@pytest.mark.parametrize("refine", [1, 2])
+def test_approximate_search_never_beats_exact_and_fills_short_probes(refine):
     g = torch.Generator().manual_seed(2)
     bank, queries = torch.randn(4000, 32, generator=g), torch.randn(200, 32, generator=g)
     exact, _ = NearestNeighbors("torch").fit(bank).search(queries, k=1)
     # 50 cells of ~80 points, one probed: k=100 cannot be met from one cell -> exact fallback.
-    knn = NearestNeighbors("ivf", nlist=50, nprobe=1).fit(bank)
+    knn = NearestNeighbors("ivf", nlist=50, nprobe=1, refine=refine).fit(bank)
     dist, idx = knn.search(queries, k=1)
     assert (dist >= exact - 1e-4).all() and (dist > exact + 1e-4).any()  # approximate: some miss
-    _, idx = knn.search(queries, k=100)
+    dist, idx = knn.search(queries, k=100)
     assert (idx >= 0).all() and (idx < len(bank)).all()
     assert all(len(set(row)) == 100 for row in idx.tolist())
+    direct = torch.linalg.vector_norm(queries[:, None] - bank[idx], dim=-1)
+    torch.testing.assert_close(dist, direct)
 
 
 def test_bad_index_parameters_are_config_errors():

@@ -149,18 +149,25 @@ class NearestNeighbors:
             raise ConfigError(f"k={k} must be between 1 and the memory bank size {self.size}")
         queries = queries.float()
         if self._index is not None:
-            chunk_size = self.chunk_size or len(queries)
-            _, idx = self._index.search(queries.detach().cpu().contiguous().numpy(), k)
+            squared, idx = self._index.search(queries.detach().cpu().contiguous().numpy(), k)
             idx = torch.from_numpy(idx).to(queries.device)
+            if self.refine > 1:  # IndexRefineFlat measures its picks directly: no cancellation
+                dists = torch.from_numpy(squared).clamp_min(0).sqrt().to(queries.device)
+            else:
+                chunk_size = self.chunk_size or len(queries)
+                bank = self._bank.to(queries.device)
+                dists = torch.cat(
+                    [
+                        _exact_distances(q, i, bank)
+                        for q, i in zip(
+                            queries.split(chunk_size), idx.split(chunk_size), strict=True
+                        )
+                    ]
+                )
             missing = (idx < 0).any(dim=1)  # an IVF probe can hold fewer than k points
             if missing.any():
-                idx[missing] = self._exact(queries[missing], k)[1]
-            bank = self._bank.to(queries.device)
-            dists = [
-                _exact_distances(q, i, bank)
-                for q, i in zip(queries.split(chunk_size), idx.split(chunk_size), strict=True)
-            ]
-            return torch.cat(dists), idx
+                dists[missing], idx[missing] = self._exact(queries[missing], k)
+            return dists, idx
         return self._exact(queries, k)
 
     def _exact(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
