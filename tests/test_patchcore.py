@@ -14,6 +14,7 @@ from defectlab.components import (
     NearestNeighbors,
     PatchEmbedder,
 )
+from defectlab.components.embedding import _unfold
 from defectlab.models import PatchCore
 
 
@@ -44,6 +45,13 @@ def test_embedder_equals_literal_reference(dims):
     embedder = PatchEmbedder([12, 20], *dims).double()
     ours = embedder(feats).permute(0, 2, 3, 1)
     torch.testing.assert_close(ours, _literal_embedding(feats, *dims), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("size", [1, 3, 5])
+def test_unfold_equals_torch_unfold(size):
+    feat = torch.randn(2, 3, 7, 5)
+    expected = F.unfold(feat, kernel_size=size, padding=size // 2)
+    assert torch.equal(_unfold(feat, size), expected)
 
 
 class _Identity(torch.nn.Module):
