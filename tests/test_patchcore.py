@@ -15,6 +15,7 @@ from defectlab.components import (
     PatchEmbedder,
 )
 from defectlab.components.embedding import _unfold
+from defectlab.errors import ConfigError
 from defectlab.models import PatchCore
 
 
@@ -45,6 +46,18 @@ def test_embedder_equals_literal_reference(dims):
     embedder = PatchEmbedder([12, 20], *dims).double()
     ours = embedder(feats).permute(0, 2, 3, 1)
     torch.testing.assert_close(ours, _literal_embedding(feats, *dims), atol=1e-6, rtol=1e-6)
+
+
+def test_embedder_in_chunks_is_bit_identical():
+    torch.manual_seed(0)
+    feats = [torch.randn(5, 12, 8, 8), torch.randn(5, 20, 4, 4)]
+    whole = PatchEmbedder([12, 20], 64, 32)(feats)
+    for chunk in (1, 2, 4):
+        parts = PatchEmbedder([12, 20], 64, 32, batch_chunk=chunk)(feats)
+        assert torch.equal(parts, whole)
+        assert parts.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ConfigError, match="model.embed_chunk"):
+        PatchEmbedder([12, 20], 64, 32, batch_chunk=0)
 
 
 @pytest.mark.parametrize("size", [1, 3, 5])

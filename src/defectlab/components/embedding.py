@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from defectlab.errors import ConfigError
+
 
 def adaptive_pool_matrix(in_dim: int, out_dim: int) -> torch.Tensor:
     """``(out_dim, in_dim)`` matrix equal to ``adaptive_avg_pool1d`` from ``in_dim`` to ``out_dim``."""
@@ -34,6 +36,10 @@ class PatchEmbedder(nn.Module):
         pretrain_embed_dim: per-layer pooled dimension (paper code: 1024).
         target_embed_dim: final patch-feature dimension D (paper code: 1024).
         patch_size: neighbourhood size p (paper: 3).
+        batch_chunk: images embedded per pass (None = the whole batch). Each image's gathers
+            leave ~10 MB of temporaries at lite0/224 px; in passes of 2 they stay in the CPU
+            caches (measured 6-7 ms per image at 32 images in one pass, 1.5 in passes of 2).
+            The output is identical for any value.
     """
 
     def __init__(
@@ -42,11 +48,15 @@ class PatchEmbedder(nn.Module):
         pretrain_embed_dim: int = 1024,
         target_embed_dim: int = 1024,
         patch_size: int = 3,
+        batch_chunk: int | None = None,
     ) -> None:
         super().__init__()
         if patch_size < 1 or patch_size % 2 == 0:
             raise ValueError(f"model.patch_size must be odd and >= 1, got {patch_size}")
+        if batch_chunk is not None and batch_chunk < 1:
+            raise ConfigError(f"model.embed_chunk must be >= 1 or null, got {batch_chunk}")
         self.patch_size = patch_size
+        self.batch_chunk = batch_chunk
         self.out_dim = target_embed_dim
         n = len(channels)
         final = adaptive_pool_matrix(n * pretrain_embed_dim, target_embed_dim)  # (D, n * P)
@@ -69,6 +79,17 @@ class PatchEmbedder(nn.Module):
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """Map layer features ``[(B, C_l, h_l, w_l)]`` to patch embeddings ``(B, D, h_0, w_0)``."""
+        # Exported graphs keep the batch size symbolic: neither a test of it nor a loop over it
+        # would trace, so they are checked first.
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return self._embed(features)
+        batch, step = features[0].shape[0], self.batch_chunk
+        if step is None or batch <= step:
+            return self._embed(features)
+        parts = [self._embed([f[i : i + step] for f in features]) for i in range(0, batch, step)]
+        return torch.cat(parts)  # channels-last in, channels-last out
+
+    def _embed(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         size = features[0].shape[-2:]
         parts = []
         for i, feat in enumerate(features):

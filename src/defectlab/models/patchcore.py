@@ -38,6 +38,7 @@ class PatchCore(nn.Module):
         target_embed_dim: patch-feature dimension D.
         patch_size: local neighbourhood p.
         blur_sigma: Gaussian sigma of the anomaly map.
+        embed_chunk: images per patch-embedding pass (speed only; None = the whole batch).
         memory: how training embeddings are held while the bank is built: ``dtype`` of the
             pre-allocated buffer (float32 | float16 | bfloat16), ``embed_batch`` (images per
             forward; None = the loader's batch), ``storage`` (``ram``, or ``disk``: raw rows in a
@@ -56,13 +57,14 @@ class PatchCore(nn.Module):
         patch_size: int = 3,
         blur_sigma: float = 4.0,
         memory: Mapping[str, Any] | None = None,
+        embed_chunk: int | None = None,
     ) -> None:
         super().__init__()
         if k < 1:
             raise ConfigError(f"model.k must be >= 1, got {k}")
         self.extractor = extractor
         self.embedder = PatchEmbedder(
-            extractor.channels, pretrain_embed_dim, target_embed_dim, patch_size
+            extractor.channels, pretrain_embed_dim, target_embed_dim, patch_size, embed_chunk
         )
         self.sampler = sampler
         self.knn = knn
