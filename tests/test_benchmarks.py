@@ -59,3 +59,44 @@ def test_patchcore_speed_and_backbone_floor_write_their_tables(synthetic_root, t
     assert set(result["share_of_floor"]) == {"batch1", "batch4"}
     assert all(v > 0 for v in result["share_of_floor"].values())
     assert "share of floor" in proc.stdout
+
+
+def test_knn_search_benchmark_scores_options_against_exact(trained_run, tmp_path):
+    cmd = [sys.executable, "benchmarks/knn_search.py", str(trained_run), "--images", "3"]
+    cmd += [
+        "--out",
+        str(tmp_path),
+        "--spec",
+        "backend=faiss",
+        "--spec",
+        "backend=ivf nlist=4 nprobe=4",
+    ]
+    cmd += ["--spec", "faiss=IVF4,Flat nprobe=4", "--spec", "faiss=PCA2,IVF4,Flat nprobe=1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "knn_search.json").read_text())
+    assert result["images"] == 3 and result["patches_per_image"] == 12 * 12
+    exact, ivf_all, factory_all, projected = result["rows"]
+    for row in (exact, ivf_all, factory_all):  # every cell probed: exact
+        assert row["recall"] == 1.0 and row["mean_image_max_excess"] == pytest.approx(0, abs=1e-6)
+    # 2 of 1024 dimensions, one cell of four, no re-rank: misses, which only raise distances
+    assert projected["recall"] < 0.99 and projected["mean_distance_excess"] > 0
+    assert all(r["ms_per_image_after_forward"] > 0 for r in result["rows"])
+    assert "| `faiss=PCA2,IVF4,Flat nprobe=1` |" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("backend=nope", "model.knn.backend=nope"),
+        ("radius=3", "keys are model.knn's"),
+        ("faiss=IVF4,Nonsense", "faiss cannot build it"),
+        ("faiss=IVF4,Flat bogus=3", "no parameter bogus"),
+        ("backend", "is not key=value"),
+    ],
+)
+def test_knn_search_benchmark_refuses_bad_specs(trained_run, tmp_path, spec, message):
+    cmd = [sys.executable, "benchmarks/knn_search.py", str(trained_run), "--spec", spec]
+    proc = subprocess.run([*cmd, "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "knn_search.json").exists()
