@@ -19,6 +19,17 @@ def test_search_equals_brute_force(backend, k):
     torch.testing.assert_close(dist.double(), ref_d, atol=1e-4, rtol=1e-4)
 
 
+def test_exact_faiss_search_reads_the_bank_in_place():
+    # faiss.knn on the bank's memory: no second copy of a ~100 MB bank inside a faiss index
+    bank = torch.randn(300, 24)
+    knn = NearestNeighbors("faiss").fit(bank)
+    assert knn._flat.ctypes.data == bank.data_ptr()
+    # a bank that is not contiguous float32 on the CPU is copied once, and still searched exactly
+    strided = torch.randn(24, 300).T
+    dist, idx = NearestNeighbors("faiss").fit(strided).search(strided[:5], k=1)
+    assert torch.equal(idx[:, 0], torch.arange(5)) and torch.all(dist < 1e-3)
+
+
 def test_k_larger_than_bank_and_bad_backend_are_config_errors():
     knn = NearestNeighbors("torch").fit(torch.randn(5, 3))
     with pytest.raises(ConfigError, match="memory bank size 5"):
