@@ -20,8 +20,9 @@ class NearestNeighbors:
     """Euclidean k-nearest-neighbour search.
 
     Args:
-        backend: ``faiss`` (exact flat L2 search, on the bank's own memory), ``torch`` (exact, chunked matrix products; used
-            on GPU), ``auto`` (faiss for CPU tensors when installed, torch otherwise), or the
+        backend: ``faiss`` (exact flat L2 search, on the bank's own memory), ``torch`` (exact,
+            chunked matrix products; used on GPU), ``auto`` (faiss for CPU tensors when
+            installed, torch otherwise), or the
             approximate faiss indexes for very large banks: ``ivf`` (inverted lists: k-means
             cells, ``nprobe`` of ``nlist`` searched) and ``hnsw`` (graph, ``hnsw_m`` links per node,
             ``ef_search`` candidates per query). Approximate indexes may miss the true nearest
