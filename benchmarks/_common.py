@@ -7,6 +7,9 @@ import platform
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig
+
+from defectlab.data import scan_category
 
 
 def machine() -> dict:
@@ -17,6 +20,12 @@ def machine() -> dict:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__,
     }
+
+
+def test_image_paths(run_config: DictConfig, count: int) -> list[Path]:
+    """The first ``count`` test images of a trained run's own category."""
+    index = scan_category(run_config.data.root, run_config.data.category)
+    return [s.path for s in index.test][:count]
 
 
 def write_outputs(out: Path, name: str, payload: dict, table: str) -> None:

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import write_outputs
+from _common import test_image_paths, write_outputs
 from omegaconf import OmegaConf
 
 from defectlab.components import NearestNeighbors
@@ -39,7 +39,6 @@ from defectlab.components import NearestNeighbors
 # faiss after torch, as the app loads them: each brings its own OpenMP runtime, and with faiss
 # loaded first the search of an image's patches right after a backbone forward took 2x as long.
 from defectlab.components.knn import faiss
-from defectlab.data import scan_category
 from defectlab.errors import ConfigError
 from defectlab.inference import Predictor
 from defectlab.runner import CHECKPOINT
@@ -129,7 +128,7 @@ def measure(run_dir: Path, specs: list[str], images: int) -> dict:
     if not hasattr(model, "memory_bank"):
         raise SystemExit(f"{run_dir}: not a PatchCore run (this benchmark searches its bank)")
     cfg = predictor.run_config
-    paths = [s.path for s in scan_category(cfg.data.root, cfg.data.category).test][:images]
+    paths = test_image_paths(cfg, images)
     batch = [predictor.load(p)[None] for p in paths]
     embedded = [model.embed(x) for x in batch]
     queries = [e.reshape(-1, e.shape[-1]) for e in embedded]
@@ -138,7 +137,9 @@ def measure(run_dir: Path, specs: list[str], images: int) -> dict:
     truth = [exact.search(q, 1)[0][:, 0] for q in queries]
     backbone_s = []
     rows = []
-    for spec, index in indexes:
+    while indexes:
+        # popped: each index is freed after its row (a re-ranking one holds a copy of the bank)
+        spec, index = indexes.pop(0)
         start = time.perf_counter()
         index.fit(bank)
         build_s = time.perf_counter() - start

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import write_outputs
+from _common import test_image_paths, write_outputs
 
-from defectlab.data import image_tensor, load_image, scan_category
+from defectlab.data import image_tensor, load_image
 from defectlab.export import FORMATS, Artefact
 from defectlab.inference import Predictor
 from defectlab.runner import CHECKPOINT
@@ -65,8 +65,7 @@ def measure(run_dir: Path, batch: int, repeats: int, device: str, exported: bool
     """
     predictor = Predictor.from_checkpoint(run_dir / CHECKPOINT, device)
     cfg = predictor.run_config
-    index = scan_category(cfg.data.root, cfg.data.category)
-    paths = [s.path for s in index.test][: max(batch, 8)]
+    paths = test_image_paths(cfg, max(batch, 8))
     images = torch.stack([predictor.load(p) for p in paths])
     images = images.repeat((batch + len(images) - 1) // len(images), 1, 1, 1)[:batch]
     names = [str(p) for p in paths]
