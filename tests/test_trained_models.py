@@ -116,14 +116,18 @@ def test_unet_loss_is_balanced_bce_plus_dice():
 
 
 def test_unet_learns_to_segment_synthetic_defects():
-    """A few hundred steps on pasted scratches/blobs: it segments held-out pasted defects."""
+    """A few hundred steps on pasted scratches/blobs: it segments held-out pasted defects.
+
+    lr 1e-2 x 120 steps sat on the bar (AUROC 0.51-0.996 over torch seeds 0-4, 0.8997 for seed 0
+    on another CPU); lr 3e-3 x 200 steps gave 0.970-0.996 over seeds 0-11, so 0.9 has a margin.
+    """
     torch.manual_seed(0)
     base = torch.rand(1, 3, 8, 8).repeat(16, 1, 1, 1)
     images = F.interpolate(base, size=(32, 32), mode="bilinear") * 0.4 + 0.3
     source = SyntheticAnomalies(kinds=["blob", "scratch"], probability=0.7, seed=0)
     model = UNet(depth=2, channels=8, blur_sigma=0.0)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(120):
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(200):
         pasted, masks = source(images)
         opt.zero_grad()
         model.loss(pasted, masks).backward()
