@@ -1,6 +1,7 @@
 """PatchCore pieces: embedding = the paper code's steps, Eq. 7, anomaly maps, checkpoints."""
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from defectlab.components import (
     AnomalyMapGenerator,
     FeatureExtractor,
     IdentitySampler,
+    NativeEmbedder,
     NearestNeighbors,
     PatchEmbedder,
 )
@@ -81,10 +83,8 @@ def _patchcore(k: int, bank: torch.Tensor) -> PatchCore:
         _Identity(),
         IdentitySampler(),
         NearestNeighbors("torch"),
+        embedding=partial(NativeEmbedder, patch_size=1),  # the features are the patch vectors
         k=k,
-        pretrain_embed_dim=18,
-        target_embed_dim=2,
-        patch_size=1,
         blur_sigma=0,
     )
     model.memory_bank = bank
@@ -144,8 +144,7 @@ def test_memory_bank_resizes_on_load_and_scores_match():
             IdentitySampler(),
             NearestNeighbors("auto"),
             k=3,
-            target_embed_dim=16,
-            pretrain_embed_dim=16,
+            embedding=partial(PatchEmbedder, pretrain_embed_dim=16, target_embed_dim=16),
         )
 
     a = make()
@@ -158,3 +157,74 @@ def test_memory_bank_resizes_on_load_and_scores_match():
     assert torch.equal(out_a.score, out_b.score) and torch.equal(
         out_a.anomaly_map, out_b.anomaly_map
     )
+
+
+def _native_reference(features, p=3, mode="bilinear"):
+    """anomalib's layout, written out: avg-pool each layer, resize to the first grid, concatenate."""
+    size = features[0].shape[-2:]
+    out = []
+    for feat in features:
+        pooled = F.avg_pool2d(feat, p, stride=1, padding=p // 2)
+        if pooled.shape[-2:] != size:
+            pooled = F.interpolate(pooled, size=size, mode=mode, align_corners=False)
+        out.append(pooled)
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_native_embedder_equals_pool_resize_concat(mode):
+    torch.manual_seed(0)
+    feats = [torch.randn(3, 12, 8, 8), torch.randn(3, 20, 4, 4)]
+    ours = NativeEmbedder([12, 20], interpolation=mode)(feats)
+    assert ours.shape == (3, 32, 8, 8)
+    torch.testing.assert_close(ours, _native_reference(feats, mode=mode), atol=1e-6, rtol=1e-6)
+    for chunk in (1, 2):
+        parts = NativeEmbedder([12, 20], interpolation=mode, batch_chunk=chunk)(feats)
+        assert torch.equal(parts, ours)
+
+
+def test_native_embedder_projection_is_pca_of_training_features():
+    torch.manual_seed(0)
+    # 12 + 20 channels whose patch vectors live mostly in a 3-d subspace.
+    basis = torch.randn(3, 32)
+    coords = torch.randn(4, 8, 8, 3)
+    native = coords @ basis + 0.01 * torch.randn(4, 8, 8, 32)
+    feats = [
+        native[..., :12].permute(0, 3, 1, 2).contiguous(),
+        native[..., 12:].permute(0, 3, 1, 2),
+    ]
+    embedder = NativeEmbedder([12, 20], patch_size=1, dim=3)
+    assert embedder.needs_fit and embedder.fit_images == 16
+    with pytest.raises(RuntimeError, match="not fitted"):
+        embedder(feats)
+    embedder.fit(feats)
+    reduced = embedder(feats).permute(0, 2, 3, 1).reshape(-1, 3)
+    comps = embedder.components
+    torch.testing.assert_close(comps.T @ comps, torch.eye(3), atol=1e-5, rtol=0)
+    # Three components keep (nearly) all of the distances between patch vectors.
+    rows = native.reshape(-1, 32)
+    torch.testing.assert_close(
+        torch.cdist(reduced[:50], reduced[:50]), torch.cdist(rows[:50], rows[:50]), atol=0.1, rtol=0
+    )
+    refit = NativeEmbedder([12, 20], patch_size=1, dim=3)
+    refit.fit(feats)
+    assert torch.equal(refit.components, embedder.components)  # deterministic signs
+    restored = NativeEmbedder([12, 20], patch_size=1, dim=3)
+    restored.load_state_dict(embedder.state_dict())
+    assert not restored.needs_fit and torch.equal(restored(feats), embedder(feats))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"interpolation": "area"}, "embedding.interpolation"),
+        ({"dim": 32}, "embedding.dim"),
+        ({"dim": 0}, "embedding.dim"),
+        ({"patch_size": 2}, "embedding.patch_size"),
+        ({"fit_images": 0}, "embedding.fit_images"),
+        ({"batch_chunk": 0}, "model.embed_chunk"),
+    ],
+)
+def test_native_embedder_rejects_bad_values(kwargs, key):
+    with pytest.raises(ConfigError, match=key):
+        NativeEmbedder([12, 20], **kwargs)

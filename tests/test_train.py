@@ -27,8 +27,8 @@ FAST = [
     "data.prepare=null",  # use the session fixture's folder as it is (no rewrite)
     "data.image_size=96",
     "data.batch_size=16",
-    "model.target_embed_dim=256",
-    "model.pretrain_embed_dim=256",
+    "embedding.target_embed_dim=256",
+    "embedding.pretrain_embed_dim=256",
     "logger=none",
 ]
 

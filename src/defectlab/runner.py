@@ -17,8 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from defectlab.callbacks import AnomalyImageWriter
+from defectlab.components import FeatureExtractor
 from defectlab.errors import ConfigError, DefectlabError
 from defectlab.experiment_log import finish, log_run
+from defectlab.models import PatchCore, PatchCoreEnsemble
 from defectlab.provenance import provenance
 from defectlab.results import (
     atomic_target,
@@ -39,7 +41,12 @@ warnings.filterwarnings("ignore", message=r".*callbacks used to create the check
 
 CHECKPOINT = Path("checkpoints") / "model.ckpt"
 # Keys of the composed config whose values come from Hydra's runtime and are frozen on save.
-_RUNTIME_KEYS = ("model_name", "backbone_name", "data_name")
+_RUNTIME_KEYS = ("model_name", "backbone_name", "embedding_name", "data_name")
+
+
+def _uses(model: torch.nn.Module, kind: type) -> bool:
+    """True if ``model`` is or contains a ``kind`` module (ensembles hold one per member)."""
+    return any(isinstance(module, kind) for module in model.modules())
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:
@@ -75,7 +82,7 @@ def config_snapshot(cfg: DictConfig) -> dict:
     snapshot = OmegaConf.to_container(cfg, resolve=False)
     snapshot.pop("hydra", None)
     for key in _RUNTIME_KEYS:
-        snapshot[key] = cfg[key]
+        snapshot[key] = cfg.get(key)
     snapshot["paths"]["data_dir"] = str(Path(cfg.paths.data_dir).resolve())
     snapshot["paths"]["output_dir"] = None
     return snapshot
@@ -168,6 +175,11 @@ def build_job(cfg: DictConfig, out_dir: Path) -> Job:
             f"(model=unet) may train on defective images; {cfg.model_name} learns from good "
             "images only. Set data.labeled_anomalies=0."
         )
+    if isinstance(model, PatchCoreEnsemble) and not cfg.data.val_ratio > 0:
+        raise ConfigError(
+            "backbone=ensemble normalises its members on held-out good images: data.val_ratio "
+            "must be > 0"
+        )
     if trained and not cfg.data.val_ratio > 0:
         raise ConfigError(
             f"model={cfg.model_name} stops early on held-out good images: data.val_ratio must "
@@ -206,7 +218,9 @@ def test_and_report(job: Job, ckpt: Path, extra: dict[str, Any]) -> dict[str, An
         "data": cfg.data_name,
         "model": cfg.model_name,
         # CAE and U-Net learn their own features: the backbone config does not apply to them.
-        "backbone": cfg.backbone_name if hasattr(system.model, "extractor") else None,
+        "backbone": cfg.backbone_name if _uses(system.model, FeatureExtractor) else None,
+        # Patch-feature layout (embedding= group) of PatchCore; earlier runs had the paper's.
+        "embedding": cfg.get("embedding_name") if _uses(system.model, PatchCore) else None,
         "metrics": tested["metrics"],
         # Held-out validation metrics (never the test set): what hyper-parameter searches optimise.
         "validation": dict(system.validation_metrics),

@@ -1,10 +1,14 @@
 """Shared building blocks (pure torch): backbone, embedding, samplers, kNN, anomaly maps."""
 
 from defectlab.components.anomaly_map import AnomalyMapGenerator, MapScore
-from defectlab.components.backbone import FeatureExtractor, load_backbone_state_dict
+from defectlab.components.backbone import (
+    BackboneEnsemble,
+    FeatureExtractor,
+    load_backbone_state_dict,
+)
 from defectlab.components.bank_buffer import EmbeddingBuffer
 from defectlab.components.calibration import Calibration
-from defectlab.components.embedding import PatchEmbedder
+from defectlab.components.embedding import Embedder, NativeEmbedder, PatchEmbedder
 from defectlab.components.knn import NearestNeighbors, resize_bank_for_load
 from defectlab.components.sampler import (
     CoresetSampler,
@@ -17,12 +21,15 @@ from defectlab.components.synthetic_anomaly import SyntheticAnomalies
 
 __all__ = [
     "AnomalyMapGenerator",
+    "BackboneEnsemble",
     "Calibration",
     "CoresetSampler",
+    "Embedder",
     "EmbeddingBuffer",
     "FeatureExtractor",
     "IdentitySampler",
     "MapScore",
+    "NativeEmbedder",
     "NearestNeighbors",
     "PatchEmbedder",
     "RandomSampler",

@@ -5,8 +5,9 @@ from __future__ import annotations
 import difflib
 import glob
 import importlib
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import timm
@@ -249,3 +250,29 @@ class FeatureExtractor(nn.Module):
             return_prefix_tokens=True,
         )
         return [prefix[:, 0] for _, prefix in out]
+
+
+class BackboneEnsemble(nn.Module):
+    """Several frozen backbones, each scored by its own model (``backbone=ensemble``).
+
+    Args:
+        members: name -> :class:`FeatureExtractor` (conf/backbone/ensemble.yaml composes them from
+            the backbone group: ``backbone@backbone.members.<name>=<backbone config>``).
+        alias: the config name used in messages.
+    """
+
+    def __init__(self, members: Mapping[str, FeatureExtractor], alias: str = "ensemble") -> None:
+        super().__init__()
+        self.alias = alias
+        if len(members) < 2:
+            raise ConfigError(
+                f"backbone.members has {len(members)} member(s): an ensemble needs at least two "
+                "(add one with +backbone@backbone.members.<name>=<backbone>, or use a single "
+                "backbone=<name>)"
+            )
+        self.members = nn.ModuleDict(dict(members))
+
+    @property
+    def input_multiple(self) -> int:
+        """Image sides must be multiples of every member's deepest stride."""
+        return math.lcm(*(m.input_multiple for m in self.members.values()))

@@ -42,6 +42,11 @@ class FeatureKNN(nn.Module):
         super().__init__()
         if k < 1:
             raise ConfigError(f"model.k must be >= 1, got {k}")
+        if not isinstance(extractor, FeatureExtractor):
+            raise ConfigError(
+                f"model=feature_knn takes one backbone, got {type(extractor).__name__}: "
+                "backbone=ensemble applies to model=patchcore"
+            )
         if pooling not in POOLINGS:
             raise ConfigError(f"model.pooling={pooling}: choose one of {POOLINGS}")
         if pooling == "cls" and not extractor.has_class_token:
@@ -64,6 +69,15 @@ class FeatureKNN(nn.Module):
     def input_multiple(self) -> int:
         """Image sides must be multiples of this (checked from the config before any work)."""
         return self.extractor.input_multiple
+
+    prepare_images = 0  # nothing to fit before the image vectors stream in
+
+    def bank_models(self) -> list[FeatureKNN]:
+        """The memory-bank models to fit: this one."""
+        return [self]
+
+    def prepare(self, images: torch.Tensor) -> None:
+        """Nothing to prepare (the memory-bank contract shared with PatchCore)."""
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -11,8 +11,8 @@ from torch import nn
 from defectlab.components import (
     AnomalyMapGenerator,
     FeatureExtractor,
+    NativeEmbedder,
     NearestNeighbors,
-    PatchEmbedder,
     Sampler,
     resize_bank_for_load,
 )
@@ -22,6 +22,7 @@ from defectlab.components.bank_buffer import (
     check_count,
     check_storage,
 )
+from defectlab.components.embedding import Embedder
 from defectlab.errors import ConfigError
 from defectlab.models.output import AnomalyOutput
 
@@ -31,12 +32,12 @@ class PatchCore(nn.Module):
 
     Args:
         extractor: frozen backbone returning the configured layers.
+        embedding: builds the patch-feature layout from the layers' channel counts
+            (``embedding(channels=..., batch_chunk=...)``, the ``embedding=`` config group, a
+            Hydra partial); None = :class:`NativeEmbedder` defaults.
         sampler: memory-bank subsampler (coreset, random or none).
         knn: nearest-neighbour search over the bank.
         k: neighbourhood size b of the image-score re-weighting (Eq. 7); 1 = plain max.
-        pretrain_embed_dim: per-layer pooled dimension.
-        target_embed_dim: patch-feature dimension D.
-        patch_size: local neighbourhood p.
         blur_sigma: Gaussian sigma of the anomaly map.
         embed_chunk: images per patch-embedding pass (speed only; None = the whole batch).
         memory: how training embeddings are held while the bank is built: ``dtype`` of the
@@ -51,10 +52,8 @@ class PatchCore(nn.Module):
         extractor: FeatureExtractor,
         sampler: Sampler,
         knn: NearestNeighbors,
+        embedding: Callable[..., Embedder] | None = None,
         k: int = 9,
-        pretrain_embed_dim: int = 1024,
-        target_embed_dim: int = 1024,
-        patch_size: int = 3,
         blur_sigma: float = 4.0,
         memory: Mapping[str, Any] | None = None,
         embed_chunk: int | None = None,
@@ -63,8 +62,8 @@ class PatchCore(nn.Module):
         if k < 1:
             raise ConfigError(f"model.k must be >= 1, got {k}")
         self.extractor = extractor
-        self.embedder = PatchEmbedder(
-            extractor.channels, pretrain_embed_dim, target_embed_dim, patch_size, embed_chunk
+        self.embedder: Embedder = (embedding or NativeEmbedder)(
+            channels=extractor.channels, batch_chunk=embed_chunk
         )
         self.sampler = sampler
         self.knn = knn
@@ -82,7 +81,7 @@ class PatchCore(nn.Module):
                 "valid are dtype, embed_batch, storage, spill_dir, chunk_vectors"
             )
         # Persistent so a checkpoint alone restores a fitted model; resized on load.
-        self.register_buffer("memory_bank", torch.empty(0, target_embed_dim))
+        self.register_buffer("memory_bank", torch.empty(0, self.embedder.out_dim))
 
     @property
     def input_multiple(self) -> int:
@@ -92,6 +91,22 @@ class PatchCore(nn.Module):
     @property
     def is_fitted(self) -> bool:
         return len(self.memory_bank) > 0
+
+    def bank_models(self) -> list[PatchCore]:
+        """The memory-bank models to fit: this one (an ensemble lists its members)."""
+        return [self]
+
+    @property
+    def prepare_images(self) -> int:
+        """Training images :meth:`prepare` needs before embeddings can stream (0 = none)."""
+        return self.embedder.fit_images if isinstance(self.embedder, NativeEmbedder) else 0
+
+    @torch.no_grad()
+    def prepare(self, images: torch.Tensor) -> None:
+        """Fit what the embedding needs from training images ``(B, 3, H, W)`` (its projection)."""
+        if isinstance(self.embedder, NativeEmbedder) and self.embedder.needs_fit:
+            feats = [self.extractor(part) for part in images.split(self.embed_batch or len(images))]
+            self.embedder.fit([torch.cat(layer) for layer in zip(*feats, strict=True)])
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ from typing import Any
 from torch import nn
 
 from defectlab.errors import ConfigError
+from defectlab.models.protocols import MemoryBankModel
 from defectlab.systems.base import AnomalySystem
 from defectlab.systems.memory_bank import MemoryBankSystem
 from defectlab.systems.trained import TrainedSystem
@@ -16,10 +17,10 @@ def build_system(
 ) -> AnomalySystem:
     """Wrap ``model`` in the system its contract calls for.
 
-    Memory-bank models have ``embed``/``fit``; trained models have ``loss`` and need ``training``
-    (the built ``model.fit`` config: optimizer, patience, ...).
+    Memory-bank models (:class:`MemoryBankModel`) are fitted in one pass; trained models have
+    ``loss`` and need ``training`` (the built ``model.fit`` config: optimizer, patience, ...).
     """
-    if hasattr(model, "embed") and hasattr(model, "fit"):
+    if isinstance(model, MemoryBankModel):
         return MemoryBankSystem(model, **kwargs)
     if hasattr(model, "loss"):
         if training is None:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torchmetrics.functional.classification import binary_auroc
 
+from defectlab.components.backbone import FeatureExtractor
 from defectlab.components.calibration import Calibration
 from defectlab.errors import ConfigError
 from defectlab.metrics import ThresholdSpec, image_threshold, pixel_threshold, summarize
@@ -248,20 +249,34 @@ class AnomalySystem(L.LightningModule):
         return None
 
     # -- checkpoints -----------------------------------------------------------------------
+    def _extractors(self) -> dict[str, FeatureExtractor]:
+        """State-dict prefix -> frozen backbone, for each backbone in the model (ensembles: several)."""
+        return {
+            f"model.{name}.": module
+            for name, module in self.model.named_modules()
+            if isinstance(module, FeatureExtractor)
+        }
+
+    def _frozen_prefixes(self) -> list[str]:
+        # Pretrained weights are rebuilt from the config on load; a random init cannot be, so
+        # its weights stay in the checkpoint.
+        return [f"{prefix}net." for prefix, ext in self._extractors().items() if ext.pretrained]
+
     def _backbone_id(self) -> dict | None:
-        extractor = getattr(self.model, "extractor", None)
-        if extractor is None:
+        ids = {
+            prefix: {"name": ext.name, "layers": ext.layers, "weights": ext.weights}
+            for prefix, ext in self._extractors().items()
+        }
+        if not ids:
             return None
-        return {"name": extractor.name, "layers": extractor.layers, "weights": extractor.weights}
+        # One backbone: the format of earlier checkpoints.
+        return ids.get(FROZEN_PREFIX.removesuffix("net."), ids)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
-        extractor = getattr(self.model, "extractor", None)
-        # Pretrained weights are rebuilt from the config on load; a random init cannot be, so
-        # its weights stay in the checkpoint.
-        if extractor is not None and extractor.pretrained:
-            for key in [k for k in state if k.startswith(FROZEN_PREFIX)]:
-                del state[key]
+        frozen = tuple(self._frozen_prefixes())
+        for key in [k for k in state if frozen and k.startswith(frozen)]:
+            del state[key]
         checkpoint["defectlab_backbone"] = self._backbone_id()
         checkpoint["defectlab_config"] = self.run_config
 
@@ -274,13 +289,16 @@ class AnomalySystem(L.LightningModule):
             )
         state = checkpoint["state_dict"]
         own = self.state_dict()
-        missing = sorted(k for k in own if k not in state and not k.startswith(FROZEN_PREFIX))
+        rebuilt = tuple(f"{prefix}net." for prefix in self._extractors())
+
+        def frozen(key: str) -> bool:
+            return bool(rebuilt) and key.startswith(rebuilt)
+
+        missing = sorted(k for k in own if k not in state and not frozen(k))
         if missing:
             raise ConfigError(
                 f"checkpoint lacks {missing[:5]}: it was made by another model config"
             )
         # Pretrained frozen weights were left out on save; the config rebuilt the same ones
         # (checked above). Saved ones (a random init) are loaded as they are.
-        state.update(
-            {k: v for k, v in own.items() if k.startswith(FROZEN_PREFIX) and k not in state}
-        )
+        state.update({k: v for k, v in own.items() if frozen(k) and k not in state})

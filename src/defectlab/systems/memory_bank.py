@@ -13,7 +13,8 @@ from torch import nn
 from defectlab.components.bank_buffer import EmbeddingBuffer
 from defectlab.components.sampler import num_samples
 from defectlab.errors import ConfigError
-from defectlab.systems.base import AnomalySystem
+from defectlab.models import PatchCoreEnsemble
+from defectlab.systems.base import HELDOUT, AnomalySystem
 
 log = logging.getLogger(__name__)
 
@@ -42,31 +43,43 @@ class MemoryBankSystem(AnomalySystem):
     def __init__(self, model: nn.Module, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
         self.automatic_optimization = False
-        self._buffer: EmbeddingBuffer | None = None
+        # One buffer per memory-bank model: the model itself, or each member of an ensemble.
+        self._bank_buffers: list[EmbeddingBuffer] | None = None
         self.sample_s: float | None = None
         self.memory_stats: dict[str, Any] = {}
 
     @torch.no_grad()
     def on_train_start(self) -> None:
         dataset = self.trainer.train_dataloader.dataset
+        wanted = min(self.model.prepare_images, len(dataset))
+        if wanted:  # e.g. the embedding's projection, fitted on evenly spaced training images
+            picks = torch.linspace(0, len(dataset) - 1, wanted).round().long().unique().tolist()
+            self.model.prepare(torch.stack([dataset[i]["image"] for i in picks]).to(self.device))
         first = dataset[0]["image"].unsqueeze(0).to(self.device)
-        self._buffer = self._new_buffer(next(embedding_rows(self.model, first)))
-        k = getattr(self.model, "k", 1)
-        rows = self.memory_stats["expected_bank_rows"]
-        if k > rows:
-            raise ConfigError(
-                f"model.k={k} exceeds the memory bank's {rows} rows "
-                f"({len(dataset)} training images, {self.memory_stats['train_vectors']} vectors "
-                "before sampling): lower model.k, raise sampler.ratio or add training images"
-            )
+        stats, self._bank_buffers = [], []
+        for model in self.model.bank_models():
+            buffer, stat = self._new_buffer(model, next(embedding_rows(model, first)))
+            self._bank_buffers.append(buffer)
+            stats.append(stat)
+            k, rows = getattr(model, "k", 1), stat["expected_bank_rows"]
+            if k > rows:
+                raise ConfigError(
+                    f"model.k={k} exceeds the memory bank's {rows} rows "
+                    f"({len(dataset)} training images, {stat['train_vectors']} vectors "
+                    "before sampling): lower model.k, raise sampler.ratio or add training images"
+                )
+        names = list(getattr(self.model, "members", {"": None}))
+        self.memory_stats = stats[0] if len(stats) == 1 else _ensemble_stats(names, stats)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        for rows in embedding_rows(self.model, batch["image"]):
-            self._buffer.add(rows)
+        for model, buffer in zip(self.model.bank_models(), self._bank_buffers, strict=True):
+            for rows in embedding_rows(model, batch["image"]):
+                buffer.add(rows)
 
-    def _new_buffer(self, rows: torch.Tensor) -> EmbeddingBuffer:
-        """The model's buffer, sized from one image's ``rows``; logs the expected sizes."""
-        model = self.model
+    def _new_buffer(
+        self, model: nn.Module, rows: torch.Tensor
+    ) -> tuple[EmbeddingBuffer, dict[str, Any]]:
+        """``model``'s buffer, sized from one image's ``rows``, and its expected sizes (logged)."""
         per_image = len(rows)
         total = per_image * len(self.trainer.train_dataloader.dataset)
         make = getattr(model, "embedding_buffer", None)
@@ -83,7 +96,7 @@ class MemoryBankSystem(AnomalySystem):
             if chunk
             else num_samples(total, ratio)
         )
-        self.memory_stats = {
+        stats = {
             "train_vectors": total,
             "dim": dim,
             "buffer_dtype": str(buffer.dtype).removeprefix("torch."),
@@ -96,9 +109,9 @@ class MemoryBankSystem(AnomalySystem):
             "expected_bank_mb": bank_rows * dim * 4 / 2**20,
         }
         where = (
-            f"{self.memory_stats['spill_mb']:.0f} MB temporary file (projections in memory)"
+            f"{stats['spill_mb']:.0f} MB temporary file (projections in memory)"
             if buffer.storage == "disk"
-            else f"{self.memory_stats['buffer_mb']:.0f} MB buffer"
+            else f"{stats['buffer_mb']:.0f} MB buffer"
         )
         log.info(
             "memory bank: %d images x %d vectors = %d vectors x %d %s -> %s%s; "
@@ -107,26 +120,33 @@ class MemoryBankSystem(AnomalySystem):
             per_image,
             total,
             dim,
-            self.memory_stats["buffer_dtype"],
+            stats["buffer_dtype"],
             where,
             f" (chunks of {chunk} vectors)" if chunk else "",
             bank_rows,
-            self.memory_stats["expected_bank_mb"],
+            stats["expected_bank_mb"],
         )
-        return buffer
+        return buffer, stats
 
     def _build_bank(self) -> None:
-        if self._buffer is None or not self._buffer.seen:
+        if self._bank_buffers is None or not self._bank_buffers[0].seen:
             return
-        buffer, self._buffer = self._buffer, None
+        buffers, self._bank_buffers = self._bank_buffers, None
         start = time.perf_counter()
-        fit_buffer = getattr(self.model, "fit_buffer", None)
-        if fit_buffer is not None:
-            fit_buffer(buffer)
-        else:
-            self.model.fit(buffer.finish())
-        del buffer
+        for model, buffer in zip(self.model.bank_models(), buffers, strict=True):
+            fit_buffer = getattr(model, "fit_buffer", None)
+            if fit_buffer is not None:
+                fit_buffer(buffer)
+            else:
+                model.fit(buffer.finish())
+        del buffers, buffer
         self.sample_s = time.perf_counter() - start
+        if isinstance(self.model, PatchCoreEnsemble):
+            # Members are z-scored on the held-out good images before the thresholds are fitted
+            # on the same images (never on test data).
+            loader = self.trainer.datamodule.val_dataloader()
+            loader = loader[HELDOUT] if isinstance(loader, list) else loader
+            self.model.fit_normalization(b["image"].to(self.device) for b in loader)
 
     # Lightning runs validation before on_train_epoch_end, so the bank is built by whichever comes
     # first; one epoch is all a memory bank needs.
@@ -137,3 +157,12 @@ class MemoryBankSystem(AnomalySystem):
     def on_train_epoch_end(self) -> None:
         self._build_bank()
         self.trainer.should_stop = True
+
+
+def _ensemble_stats(names: list[str], stats: list[dict[str, Any]]) -> dict[str, Any]:
+    """Totals over the members' buffers, and each member's own numbers."""
+    summed = ("train_vectors", "buffer_mb", "spill_mb", "expected_bank_rows", "expected_bank_mb")
+    return {
+        **{key: sum(s[key] for s in stats) for key in summed},
+        "members": dict(zip(names, stats, strict=True)),
+    }

@@ -1,0 +1,32 @@
+"""The contracts between models and the systems that fit them."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from defectlab.models.output import AnomalyOutput
+
+
+@runtime_checkable
+class AnomalyModel(Protocol):
+    """Every model: scores images ``(B, 3, H, W)`` in [0, 1]."""
+
+    def predict(self, images: torch.Tensor) -> AnomalyOutput: ...
+
+
+@runtime_checkable
+class MemoryBankModel(AnomalyModel, Protocol):
+    """Fitted in one pass over good images (PatchCore, its ensembles, feature-kNN).
+
+    ``bank_models()`` lists the models whose banks are built from streamed embeddings (each has
+    ``embed(images)`` and ``fit``); ``prepare(images)`` fits what must exist before that
+    (e.g. an embedding projection) from ``prepare_images`` training images (0 = nothing).
+    """
+
+    prepare_images: int
+
+    def bank_models(self) -> list: ...
+
+    def prepare(self, images: torch.Tensor) -> None: ...
