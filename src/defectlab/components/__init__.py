@@ -4,6 +4,7 @@ from defectlab.components.anomaly_map import AnomalyMapGenerator, MapScore
 from defectlab.components.backbone import (
     BackboneEnsemble,
     FeatureExtractor,
+    frozen_weight_keys,
     load_backbone_state_dict,
 )
 from defectlab.components.bank_buffer import EmbeddingBuffer
@@ -35,6 +36,7 @@ __all__ = [
     "RandomSampler",
     "Sampler",
     "SyntheticAnomalies",
+    "frozen_weight_keys",
     "load_backbone_state_dict",
     "num_samples",
     "resize_bank_for_load",

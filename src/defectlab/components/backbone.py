@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import glob
+import hashlib
 import importlib
 import math
 import os
@@ -217,6 +218,34 @@ class FeatureExtractor(nn.Module):
         """Image sides must be multiples of this: the deepest configured layer's stride."""
         return max(self.reductions)
 
+    @property
+    def weights_origin(self) -> str:
+        """Where the network's weights came from, in words (error messages, model files)."""
+        if not self.pretrained:
+            return "random initialisation (stored in the model file)"
+        if self.weights is None:
+            return f"timm's hub weights of '{self.name}' (Hugging Face cache)"
+        if self.weights.startswith(PACKAGE_PREFIX):
+            package = self.weights[len(PACKAGE_PREFIX) :]
+            try:
+                return f"package {package} ({_packaged_file(package)})"
+            except (ConfigError, BackboneWeightsError):
+                return f"package {package} (not installed)"
+        return f"file {Path(self.weights).expanduser()}"
+
+    def weights_sha256(self) -> str:
+        """SHA-256 of the network's weights and statistics (hex).
+
+        Covers name, dtype, shape and bytes of every tensor of ``net.state_dict()``, in name order.
+        """
+        digest = hashlib.sha256()
+        state = self.net.state_dict()
+        for key in sorted(state):
+            tensor = state[key].detach().cpu().contiguous()
+            digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
     def train(self, mode: bool = True) -> FeatureExtractor:
         # Frozen: BatchNorm statistics must never update, whatever Lightning asks for.
         super().train(False)
@@ -276,3 +305,18 @@ class BackboneEnsemble(nn.Module):
     def input_multiple(self) -> int:
         """Image sides must be multiples of every member's deepest stride."""
         return math.lcm(*(m.input_multiple for m in self.members.values()))
+
+
+def frozen_weight_keys(module: nn.Module) -> list[str]:
+    """State-dict keys of ``module`` that hold frozen pretrained backbone weights.
+
+    Every :class:`FeatureExtractor` inside ``module`` is found by type (a model may hold several),
+    so saved models skip exactly the weights its config rebuilds. A random initialisation cannot
+    be rebuilt: its weights are not listed and travel with the model.
+    """
+    keys = []
+    for name, sub in module.named_modules():
+        if isinstance(sub, FeatureExtractor) and sub.pretrained:
+            prefix = f"{name}.net." if name else "net."
+            keys += [prefix + k for k in sub.net.state_dict()]
+    return keys

@@ -5,6 +5,7 @@ from defectlab.models.ensemble import PatchCoreEnsemble, build_patchcore
 from defectlab.models.feature_knn import FeatureKNN
 from defectlab.models.output import AnomalyOutput
 from defectlab.models.patchcore import PatchCore
+from defectlab.models.protocols import ResizableBuffers
 from defectlab.models.unet import UNet
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "FeatureKNN",
     "PatchCore",
     "PatchCoreEnsemble",
+    "ResizableBuffers",
     "UNet",
     "build_patchcore",
 ]

@@ -30,6 +30,8 @@ class FeatureKNN(nn.Module):
     """
 
     localizes = False
+    # models.protocols.ResizableBuffers: the bank's row count comes from the saved model.
+    resizable_buffers: tuple[str, ...] = ("memory_bank",)
 
     def __init__(
         self,
@@ -116,5 +118,6 @@ class FeatureKNN(nn.Module):
         return AnomalyOutput(score=score, anomaly_map=flat.contiguous())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        resize_bank_for_load(self, state_dict, prefix, self.knn)
+        for name in self.resizable_buffers:
+            resize_bank_for_load(self, state_dict, prefix, self.knn, name)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

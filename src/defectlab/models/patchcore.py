@@ -47,6 +47,9 @@ class PatchCore(nn.Module):
             ``chunk_vectors`` (None = one coreset over all rows; N = coreset each N-row chunk).
     """
 
+    # models.protocols.ResizableBuffers: the bank's row count comes from the saved model.
+    resizable_buffers: tuple[str, ...] = ("memory_bank",)
+
     def __init__(
         self,
         extractor: FeatureExtractor,
@@ -206,5 +209,6 @@ class PatchCore(nn.Module):
         return weight * s_star
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        resize_bank_for_load(self, state_dict, prefix, self.knn)
+        for name in self.resizable_buffers:
+            resize_bank_for_load(self, state_dict, prefix, self.knn, name)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

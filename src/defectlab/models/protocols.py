@@ -1,4 +1,4 @@
-"""The contracts between models and the systems that fit them."""
+"""Typed contracts between models and the code that fits, saves, loads and runs them."""
 
 from __future__ import annotations
 
@@ -30,3 +30,16 @@ class MemoryBankModel(AnomalyModel, Protocol):
     def bank_models(self) -> list: ...
 
     def prepare(self, images: torch.Tensor) -> None: ...
+
+
+@runtime_checkable
+class ResizableBuffers(Protocol):
+    """A module whose named persistent buffers take the leading size stored in a model file.
+
+    A memory bank's row count is only known after fitting, so a freshly built model holds an empty
+    bank ``(0, D)``; loading gives it the saved ``(N, D)``. The loader allows a different first
+    dimension only for the buffers listed here (every other size must match exactly), and the
+    module resizes them in ``_load_from_state_dict``.
+    """
+
+    resizable_buffers: tuple[str, ...]
