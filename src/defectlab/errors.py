@@ -19,3 +19,7 @@ class BackboneWeightsError(DefectlabError):
 
 class ExportError(DefectlabError):
     """An exported model does not reproduce the trained one; nothing was written."""
+
+
+class ModelFileError(DefectlabError):
+    """A trained-model file is refused: pickle-based, unknown format, or tensors that do not fit."""

@@ -25,9 +25,11 @@ def atomic_target(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide results from other users
     try:
         yield Path(tmp)
+        # After writing: mkstemp's 0600 (which some writers, e.g. safetensors, re-create the file
+        # with) would hide results from other users.
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
