@@ -1,9 +1,10 @@
-"""Re-test a trained model: ``python evaluate.py run_dir=<train run folder>`` (or ``ckpt_path=``).
+"""Re-test a trained model: ``python evaluate.py run_dir=<train run folder>`` (or ``model_path=``).
 
-Rebuilds data, model and thresholds from the checkpoint's embedded config, re-tests, writes a new
-results folder and reports whether the training run's metrics are reproduced. Examples:
+Loads the run's model file (docs/model-files.md), rebuilds data and thresholds from the config it
+holds, re-tests, writes a new results folder and reports whether the training run's metrics are
+reproduced. Examples:
     python evaluate.py run_dir=outputs/2026-11-23/12-18-31
-    python evaluate.py ckpt_path=outputs/.../checkpoints/model.ckpt data.category=poly
+    python evaluate.py model_path=outputs/.../checkpoints/model.safetensors data.category=poly
 """
 
 import hydra

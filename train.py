@@ -37,7 +37,7 @@ def main(cfg: DictConfig) -> float | None:
         done = finished_results(Path(cfg.paths.output_dir))
         if done is not None:
             log.info(
-                "resume=true: %s finished earlier with these overrides; skipped", done["checkpoint"]
+                "resume=true: %s finished earlier with these overrides; skipped", done["model_file"]
             )
             print(f"skipped (finished earlier): {cfg.paths.output_dir}")
             return optimized_value(done, cfg.optimized_metric)

@@ -19,7 +19,7 @@ import torch
 from _common import write_outputs
 from patchcore_speed import _timed, compose_config
 
-from defectlab.runner import build
+from defectlab.build import build
 
 
 @torch.no_grad()

@@ -41,7 +41,6 @@ from defectlab.components import NearestNeighbors
 from defectlab.components.knn import faiss
 from defectlab.errors import ConfigError
 from defectlab.inference import Predictor
-from defectlab.runner import CHECKPOINT
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,7 +122,7 @@ def _median_ms(times: list[float]) -> float:
 def measure(run_dir: Path, specs: list[str], images: int) -> dict:
     """Time and score every spec on the run's bank (specs are parsed before the model loads)."""
     indexes = [(spec, parse_spec(spec)) for spec in specs]
-    predictor = Predictor.from_checkpoint(run_dir / CHECKPOINT, "cpu")
+    predictor = Predictor.from_model(run_dir, "cpu")
     model = predictor.system.model
     if not hasattr(model, "memory_bank"):
         raise SystemExit(f"{run_dir}: not a PatchCore run (this benchmark searches its bank)")

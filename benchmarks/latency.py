@@ -22,7 +22,6 @@ from _common import test_image_paths, write_outputs
 from defectlab.data import image_tensor, load_image
 from defectlab.export import FORMATS, Artefact
 from defectlab.inference import Predictor
-from defectlab.runner import CHECKPOINT
 
 
 def _sync(device: torch.device) -> None:
@@ -63,7 +62,7 @@ def measure(run_dir: Path, batch: int, repeats: int, device: str, exported: bool
     With ``exported``, also of the run's ``export/model.onnx`` / ``model.pt`` files, fed the
     decoded uint8 frames (their time includes the resize the Lightning path did beforehand).
     """
-    predictor = Predictor.from_checkpoint(run_dir / CHECKPOINT, device)
+    predictor = Predictor.from_model(run_dir, device)
     cfg = predictor.run_config
     paths = test_image_paths(cfg, max(batch, 8))
     images = torch.stack([predictor.load(p) for p in paths])

@@ -30,8 +30,8 @@ from _common import write_outputs
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from defectlab.build import build, build_model
 from defectlab.models.output import predict_in_slices
-from defectlab.runner import build, build_model
 from defectlab.systems.memory_bank import embedding_rows
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,10 +7,21 @@ import socket
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
-from defectlab.app import discover_runs, inspect_images, run_app, table, verdict_text
+from defectlab.app import (
+    UploadLimits,
+    discover_runs,
+    inspect_images,
+    inspect_upload,
+    legacy_runs,
+    run_app,
+    table,
+    verdict_text,
+)
 from defectlab.errors import ConfigError
 from defectlab.inference import Predictor
+from defectlab.model_file import LEGACY_CHECKPOINT
 
 pytestmark = pytest.mark.e2e
 
@@ -39,7 +50,7 @@ def _saved_predictions(run):
 
 def test_inspection_scores_equal_the_runs_and_threshold_rejudges(trained_run, uploads):
     folder, originals = uploads
-    predictor = Predictor.from_checkpoint(trained_run / "checkpoints" / "model.ckpt", "cpu")
+    predictor = Predictor.from_model(trained_run, "cpu")
     items = inspect_images(predictor, sorted(folder.iterdir()))
     by_name = {item.name: item for item in items}
     assert "cannot be read as an image" in by_name["broken.png"].error
@@ -56,12 +67,56 @@ def test_inspection_scores_equal_the_runs_and_threshold_rejudges(trained_run, up
     assert "**unreadable**" in verdict_text(items, 1.0)
 
 
+def test_uploads_beyond_the_limits_get_a_message_not_a_crash(trained_run, uploads, tmp_path):
+    folder, _ = uploads
+    predictor = Predictor.from_model(trained_run, "cpu")
+    limits = UploadLimits(max_files=3, max_bytes=50_000, max_pixels=150 * 150)
+    big_file = folder / "big_file.png"  # a valid image, but more bytes than max_bytes
+    Image.frombytes("RGB", (120, 120), bytes(range(256)) * 168 + bytes(192)).save(big_file)
+    big_file.write_bytes(big_file.read_bytes() + bytes(60_000))  # trailing bytes: still decodes
+    many_pixels = folder / "many_pixels.png"  # small file, 200 x 200 > 150 x 150 pixels
+    Image.new("RGB", (200, 200), (90, 90, 90)).save(many_pixels)
+    text = folder / "notes.txt"
+    text.write_text("not an image")
+    fake = folder / "fake.png"
+    fake.write_text("<html>not an image either</html>")
+    good = folder / "good_000.png"
+
+    items, refused = inspect_upload(predictor, [str(p) for p in (good, big_file, text)], limits)
+    assert refused is None
+    errors = {item.name: item.error for item in items}
+    assert errors["good_000.png"] is None
+    assert "exceeds the upload limit of 0.0477 MB per file (max_file_mb=)" in errors["big_file.png"]
+    assert "not an accepted image type (.txt)" in errors["notes.txt"]
+    items, refused = inspect_upload(predictor, [str(p) for p in (many_pixels, fake)], limits)
+    errors = {item.name: item.error for item in items}
+    assert "40000 pixels exceeds max_image_pixels (app)=22500" in errors["many_pixels.png"]
+    assert "cannot be read as an image" in errors["fake.png"]
+    assert "**unreadable**" in verdict_text(items, 1.0)
+
+    items, refused = inspect_upload(predictor, [str(good)] * 4, limits)
+    assert items == [] and "4 files uploaded; at most 3" in refused
+    with pytest.raises(ConfigError, match="max_files must be >= 1"):
+        UploadLimits(max_files=0)
+
+
+def test_app_serves_on_localhost_with_limits_by_default(make_cfg):
+    cfg = make_cfg(config="app")
+    assert cfg.host == "127.0.0.1"
+    assert cfg.max_files >= 1 and cfg.max_file_mb > 0 and cfg.max_image_pixels > 0
+
+
 def test_run_discovery_and_config_errors(trained_run, tmp_path, make_cfg):
     nested = tmp_path / "multirun" / "0"
     shutil.copytree(trained_run / "checkpoints", nested / "checkpoints")
     assert discover_runs([tmp_path / "multirun", trained_run]) == sorted(
         [nested.resolve(), trained_run.resolve()]
     )
+    old = tmp_path / "multirun" / "1"
+    (old / LEGACY_CHECKPOINT).parent.mkdir(parents=True)
+    (old / LEGACY_CHECKPOINT).write_bytes(b"PK\x03\x04 an older run's pickle")
+    assert legacy_runs([tmp_path / "multirun"]) == [old.resolve()]
+    assert old.resolve() not in discover_runs([tmp_path / "multirun"])
     with pytest.raises(ConfigError, match="no trained run"):
         run_app(make_cfg(f"runs=[{tmp_path / 'empty'}]", config="app"), block=False)
     with pytest.raises(ConfigError, match="run_dir="):

@@ -10,12 +10,13 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from PIL import Image
+from safetensors.torch import load_file
 
 from defectlab.datasets import SyntheticPreparer
-from defectlab.errors import ConfigError, DataError
+from defectlab.errors import ConfigError, DataError, ModelFileError
 from defectlab.metrics import best_f1_threshold
+from defectlab.model_file import load_model
 from defectlab.runner import run_evaluation, run_training
-from defectlab.systems import MemoryBankSystem
 
 from .test_train import FAST
 
@@ -53,7 +54,7 @@ def test_evaluate_reproduces_training_metrics_and_leaves_the_run_untouched(
     # The same model scores another category (no comparison: other data).
     other = run_evaluation(
         make_cfg(
-            f"ckpt_path={run / 'checkpoints' / 'model.ckpt'}",
+            f"model_path={run / 'checkpoints' / 'model.safetensors'}",
             "data.category=grass",
             config="evaluate",
             out=tmp_path / "ev2",
@@ -66,7 +67,7 @@ def test_evaluate_reproduces_training_metrics_and_leaves_the_run_untouched(
 def test_evaluate_needs_exactly_one_source(make_cfg, tmp_path):
     with pytest.raises(ConfigError, match="exactly one of run_dir"):
         run_evaluation(make_cfg(config="evaluate"))
-    with pytest.raises(ConfigError, match="no checkpoint"):
+    with pytest.raises(ModelFileError, match="no trained model in"):
         run_evaluation(make_cfg(f"run_dir={tmp_path}", config="evaluate"))
 
 
@@ -130,9 +131,7 @@ def test_f1_val_threshold_comes_from_the_labelled_folder(make_cfg, synthetic_roo
     assert thr["strategy"] == "f1_val"
 
     # Recompute: the best-F1 threshold of the labelled folder's scores, and pixel F1 on its masks.
-    system = MemoryBankSystem.load_from_checkpoint(
-        results["checkpoint"], model=instantiate(cfg.model)
-    )
+    system = load_model(results["model_file"]).system
     datamodule = instantiate(cfg.data)
     datamodule.setup()
     loader = datamodule.val_dataloader()[1]
@@ -169,7 +168,7 @@ def test_random_init_backbone_is_saved_so_the_checkpoint_reproduces(
     trained = run_training(
         make_cfg(*FAST, *overrides, f"data.root={synthetic_root}", "data.category=brick", out=run)
     )
-    state = torch.load(run / "checkpoints" / "model.ckpt", weights_only=False)["state_dict"]
+    state = load_file(run / "checkpoints" / "model.safetensors")
     assert any(k.startswith("model.extractor.net.") for k in state)
     torch.manual_seed(12345)  # a different global RNG state than training had
     evaluated = run_evaluation(make_cfg(f"run_dir={run}", config="evaluate", out=tmp_path / "ev"))

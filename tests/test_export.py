@@ -62,7 +62,7 @@ def test_export_matches_the_trained_model(fmt, make_cfg, trained_run, synthetic_
     path = tmp_path / "out" / sidecar["file"]
     assert yaml.safe_load((tmp_path / "out" / f"{path.name}.yaml").read_text()) == sidecar
     assert sidecar["sha256"] == export._sha256(path)
-    predictor = Predictor.from_checkpoint(trained_run / "checkpoints" / "model.ckpt", "cpu")
+    predictor = Predictor.from_model(trained_run, "cpu")
     assert sidecar["threshold"] == predictor.system.calibration.as_dict()
     assert sidecar["memory_bank_rows"] == len(predictor.system.model.memory_bank)
     assert sidecar["input"]["size"] == (

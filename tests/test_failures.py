@@ -3,15 +3,15 @@ writes, resumable sweeps, and deterministic runs with their provenance."""
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 from hydra.errors import HydraException
+from safetensors.torch import load_file
 
 from defectlab.errors import ConfigError, DataError
 from defectlab.results import write_json_atomic
-from defectlab.runner import build, build_job, run_training, save_checkpoint_atomic
+from defectlab.runner import build, build_job, run_training
 
 from .test_bad_input import _copy, _damage
 from .test_sweep import _run
@@ -98,20 +98,7 @@ def test_interrupted_writes_keep_the_earlier_files(tmp_path, monkeypatch):
         write_json_atomic(path, {"metrics": {"image_auroc": object()}})  # fails mid-dump
     assert json.loads(path.read_text())["metrics"]["image_auroc"] == 0.9
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temp file left
-
-    ckpt = tmp_path / "checkpoints" / "model.ckpt"
-    ckpt.parent.mkdir()
-    ckpt.write_bytes(b"earlier checkpoint")
-
-    class Interrupted:
-        def save_checkpoint(self, target):
-            Path(target).write_bytes(b"half a check")  # killed mid-write
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        save_checkpoint_atomic(Interrupted(), ckpt)
-    assert ckpt.read_bytes() == b"earlier checkpoint"
-    assert [p.name for p in ckpt.parent.iterdir()] == ["model.ckpt"]
+    # The model file's atomic save: tests/test_model_file.py
 
 
 def test_resume_skips_finished_jobs_and_reruns_failed_ones(synthetic_root, tmp_path):
@@ -162,7 +149,7 @@ def test_same_seed_same_scores_and_provenance(make_cfg, synthetic_root, tmp_path
         "torch"
     ].startswith(torch.__version__.split("+")[0])
     assert set(first["git"]) == {"commit", "dirty"}
-    bank = torch.load(runs[0]["checkpoint"], weights_only=False)["state_dict"]["model.memory_bank"]
+    bank = load_file(runs[0]["model_file"])["model.memory_bank"]
     from defectlab.provenance import tensor_sha256
 
     assert tensor_sha256([bank]) == first["memory_bank_sha256"]

@@ -9,9 +9,9 @@ from PIL import Image
 
 from defectlab.components import FeatureExtractor, NearestNeighbors
 from defectlab.errors import ConfigError
+from defectlab.model_file import load_model
 from defectlab.models import FeatureKNN
 from defectlab.runner import run_training
-from defectlab.systems import MemoryBankSystem
 
 from .test_train import FAST
 
@@ -72,9 +72,7 @@ def test_feature_knn_end_to_end_reports_pixel_metrics_as_not_applicable(
     with Image.open(next((tmp_path / "images" / "brick" / "hole").glob("*.png"))) as panel:
         assert panel.size[0] == 96  # the original only: no heatmap for a flat map
 
-    restored = MemoryBankSystem.load_from_checkpoint(
-        results["checkpoint"], model=instantiate(cfg.model)
-    )
+    restored = load_model(results["model_file"]).system
     datamodule = instantiate(cfg.data)
     datamodule.setup()
     batch = next(iter(datamodule.test_dataloader()))

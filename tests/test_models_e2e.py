@@ -4,10 +4,10 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from defectlab.errors import ConfigError, DataError
 from defectlab.export import export_run
+from defectlab.model_file import read_metadata
 from defectlab.runner import build_job, run_evaluation, run_training
 
 from .test_train import FAST
@@ -46,7 +46,7 @@ def test_every_model_trains_tests_and_reproduces(model, make_cfg, synthetic_root
     assert results["backbone"] == (
         "efficientnet_lite0" if model in ("patchcore", "feature_knn") else None
     )
-    assert (run / "checkpoints" / "model.ckpt").is_file()
+    assert (run / "checkpoints" / "model.safetensors").is_file()
     assert len(list((run / "images" / "brick" / "hole").glob("*.png"))) == 1
     assert json.loads((run / "results.json").read_text())["metrics"] == metrics
 
@@ -56,12 +56,11 @@ def test_every_model_trains_tests_and_reproduces(model, make_cfg, synthetic_root
         best = training["best_epoch"]
         assert training["best_val_loss"] == min(training["val_loss_history"])
         assert training["val_loss_history"][best - 1] == training["best_val_loss"]
-        # The tested checkpoint is the best epoch's (Lightning stores the epoch index from 0).
-        ckpt = torch.load(run / "checkpoints" / "model.ckpt", weights_only=False)
-        assert ckpt["epoch"] == best - 1
-        assert not (run / "checkpoints" / "best.ckpt").exists()  # renamed, not copied
+        # The saved and tested model is the best epoch's; Lightning's checkpoint stays for resuming.
+        assert read_metadata(run / "checkpoints" / "model.safetensors")["training"]["epoch"] == best
+        assert (run / "checkpoints" / "best.ckpt").is_file()
 
-    # The checkpoint alone reproduces every metric in a new folder.
+    # The model file alone reproduces every metric in a new folder.
     evaluated = run_evaluation(make_cfg(f"run_dir={run}", config="evaluate", out=tmp_path / "ev"))
     assert evaluated["reproduces"]["max_abs_diff"] <= 1e-6
 

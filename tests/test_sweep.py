@@ -72,7 +72,7 @@ def test_joblib_multirun_keeps_going_past_a_failed_job_and_writes_the_summary(
         assert row["status"] == "completed", row
         assert 0 <= float(row["image_auroc"]) <= 1 and float(row["fit_s"]) > 0
         assert (sweep / row["job"] / "results.json").is_file()
-        assert (sweep / row["job"] / "checkpoints" / "model.ckpt").is_file()
+        assert (sweep / row["job"] / "checkpoints" / "model.safetensors").is_file()
 
     means = {r["data.val_ratio"]: r for r in rows if r["kind"] == "mean"}
     assert means["0.1"]["data.category"] == "mean of 2"

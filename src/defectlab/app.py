@@ -2,7 +2,12 @@
 
 Pick a trained run, upload images, see original | heatmap | overlay, the score and the verdict
 for each; the threshold slider re-judges the scored images live (no re-inference). The scoring is
-``predict.py``'s: same checkpoint, pre-processing, thresholds and normalisation.
+``predict.py``'s: same model file, pre-processing, thresholds and normalisation.
+
+Uploads are untrusted input: at most ``max_files`` per upload, ``max_file_mb`` each (also enforced
+by the server), only image file types, and at most ``max_image_pixels`` pixels, checked from the
+header before decoding (the data loader's decompression-bomb guard). A refused file gets a
+message in the verdicts; nothing crashes. The app listens on 127.0.0.1 unless ``host=`` says so.
 """
 
 from __future__ import annotations
@@ -16,12 +21,56 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
+from defectlab.data import IMAGE_EXTENSIONS
 from defectlab.errors import ConfigError, DataError
+from defectlab.imageio import ImageLimits
 from defectlab.inference import Predictor
-from defectlab.runner import CHECKPOINT, locate_checkpoint
+from defectlab.model_file import LEGACY_CHECKPOINT, MODEL_FILE
 from defectlab.visualize import display_image, heatmap_rgb, overlay_rgb
 
 COLUMNS = ["file", "score", "normalised score", "verdict"]
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    """What one upload may hold (``app.yaml``: max_files, max_file_mb, max_image_pixels)."""
+
+    max_files: int = 20
+    max_bytes: int = 20 * 2**20
+    max_pixels: int = 40_000_000
+
+    def __post_init__(self) -> None:
+        for key, value in [
+            ("max_files", self.max_files),
+            ("max_file_mb", self.max_bytes),
+            ("max_image_pixels", self.max_pixels),
+        ]:
+            if value < 1:
+                raise ConfigError(f"{key} must be >= 1, got {value}")
+
+    def too_many(self, count: int) -> str | None:
+        """The message refusing an upload of ``count`` files, or None when it is allowed."""
+        if count <= self.max_files:
+            return None
+        return (
+            f"{count} files uploaded; at most {self.max_files} are inspected at a time "
+            "(max_files=). Upload fewer at once."
+        )
+
+    def refuse(self, path: Path) -> str | None:
+        """Why ``path`` is not decoded at all (type or file size), or None."""
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            return (
+                f"not an accepted image type ({path.suffix or 'no extension'}); "
+                f"accepted: {', '.join(sorted(IMAGE_EXTENSIONS))}"
+            )
+        size = path.stat().st_size
+        if size > self.max_bytes:
+            return (
+                f"{size / 2**20:.3g} MB exceeds the upload limit of "
+                f"{self.max_bytes / 2**20:.3g} MB per file (max_file_mb=)"
+            )
+        return None
 
 
 @dataclass
@@ -40,10 +89,23 @@ def discover_runs(roots: Iterable[str | Path]) -> list[Path]:
     found: set[Path] = set()
     for root in roots:
         root = Path(root)
-        if (root / CHECKPOINT).is_file():
+        if (root / MODEL_FILE).is_file():
             found.add(root.resolve())
         elif root.is_dir():
-            found.update(p.parents[1].resolve() for p in root.rglob(str(CHECKPOINT)))
+            found.update(p.parents[1].resolve() for p in root.rglob(str(MODEL_FILE)))
+    return sorted(found)
+
+
+def legacy_runs(roots: Iterable[str | Path]) -> list[Path]:
+    """Older run folders under ``roots`` with only a pickle-based model.ckpt (not loadable)."""
+    found: set[Path] = set()
+    for root in (Path(r) for r in roots):
+        hits = [root / LEGACY_CHECKPOINT] if (root / LEGACY_CHECKPOINT).is_file() else []
+        if not hits and root.is_dir():
+            hits = list(root.rglob(str(LEGACY_CHECKPOINT)))
+        found.update(
+            p.parents[1].resolve() for p in hits if not (p.parent / MODEL_FILE.name).exists()
+        )
     return sorted(found)
 
 
@@ -61,14 +123,32 @@ def describe(predictor: Predictor) -> dict[str, Any]:
     }
 
 
-def inspect_images(predictor: Predictor, paths: list[Path]) -> list[Inspected]:
-    """Score uploaded files one by one (sizes may differ); unreadable ones carry their error."""
+def inspect_images(
+    predictor: Predictor, paths: list[Path], limits: UploadLimits | None = None
+) -> list[Inspected]:
+    """Score uploaded files one by one (sizes may differ); refused ones carry their reason.
+
+    Refused: a file type the data loader does not read, a file above the size limit, an image
+    above the pixel limit (the app's or the run's ``data.max_image_pixels``, whichever is lower;
+    read from the header, before decoding) and anything that does not decode.
+    """
+    limits = limits or UploadLimits()
     system = predictor.system
     cal = system.calibration
+    run = predictor.limits
+    decode = (
+        ImageLimits(run.min_side, limits.max_pixels, "max_image_pixels (app)")
+        if limits.max_pixels < run.max_pixels
+        else run
+    )
     results = []
     for path in paths:
+        refused = limits.refuse(path)
+        if refused is not None:
+            results.append(Inspected(path.name, error=refused))
+            continue
         try:
-            image = predictor.load(path)
+            image = predictor.load(path, decode)
         except DataError as err:
             results.append(Inspected(path.name, error=str(err)))
             continue
@@ -140,9 +220,8 @@ class ModelSlot:
     def get(self, run: str | Path) -> Predictor:
         run = Path(run)
         if self.predictor is None or run != self.run:
-            ckpt, _ = locate_checkpoint(str(run), None)
             self.predictor = None  # release before loading the next
-            self.predictor = Predictor.from_checkpoint(ckpt, self.device)
+            self.predictor = Predictor.from_model(run, self.device)
             self.run = run
         return self.predictor
 
@@ -157,10 +236,25 @@ def _header(predictor: Predictor, run: Path) -> str:
     )
 
 
-def build_app(runs: list[Path], default: Path, device: str = "auto"):
+def inspect_upload(
+    predictor: Predictor, files: list[str] | None, limits: UploadLimits
+) -> tuple[list[Inspected], str | None]:
+    """The inspected files of one upload, or ``([], message)`` when the upload is refused."""
+    if not files:
+        return [], None
+    refused = limits.too_many(len(files))
+    if refused is not None:
+        return [], refused
+    return inspect_images(predictor, [Path(f) for f in files], limits), None
+
+
+def build_app(
+    runs: list[Path], default: Path, device: str = "auto", limits: UploadLimits | None = None
+):
     """The Gradio Blocks app over ``runs`` (``default`` loaded first)."""
     import gradio as gr
 
+    limits = limits or UploadLimits()
     slot = ModelSlot(device)
     first = slot.get(default)
     default_threshold = describe(first)["threshold"]
@@ -178,9 +272,11 @@ def build_app(runs: list[Path], default: Path, device: str = "auto"):
         )
 
     def run_inspection(run: str, files: list[str] | None, threshold: float):
-        if not files:
+        items, refused = inspect_upload(slot.get(run), files, limits)
+        if refused is not None:
+            return [], [], f"**Upload refused:** {refused}", []
+        if not items:
             return [], [], verdict_text([], threshold), []
-        items = inspect_images(slot.get(run), [Path(f) for f in files])
         gallery = [tile for item in items for tile in item.tiles or []]
         return gallery, table(items, threshold), verdict_text(items, threshold), items
 
@@ -193,7 +289,10 @@ def build_app(runs: list[Path], default: Path, device: str = "auto"):
         header = gr.Markdown(_header(first, default), elem_id="loaded")
         with gr.Row():
             files = gr.File(
-                file_count="multiple", file_types=["image"], label="Images", elem_id="upload"
+                file_count="multiple",
+                file_types=sorted(IMAGE_EXTENSIONS),
+                label=f"Images (up to {limits.max_files}, {limits.max_bytes / 2**20:.3g} MB each)",
+                elem_id="upload",
             )
             threshold = gr.Slider(
                 0.0,
@@ -222,17 +321,27 @@ def run_app(cfg: DictConfig, block: bool = True):
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     if cfg.run_dir is None and not cfg.runs:
         raise ConfigError("give run_dir=<train run folder> and/or runs=[folders to search]")
-    runs = discover_runs([*(cfg.runs or []), *([cfg.run_dir] if cfg.run_dir else [])])
+    roots = [*(cfg.runs or []), *([cfg.run_dir] if cfg.run_dir else [])]
+    runs = discover_runs(roots)
+    old = legacy_runs(roots)
+    if old:
+        print(
+            f"{len(old)} older run folder(s) hold only a pickle-based {LEGACY_CHECKPOINT} and are "
+            f"not offered, e.g. {old[0]}; convert trusted ones once: python -m defectlab.convert "
+            "<run folder> --trust"
+        )
     if not runs:
-        raise ConfigError(f"no trained run (a folder with {CHECKPOINT}) under {cfg.runs}")
+        raise ConfigError(f"no trained run (a folder with {MODEL_FILE}) under {cfg.runs}")
     default = Path(cfg.run_dir).resolve() if cfg.run_dir else runs[0]
     if default not in runs:
-        raise ConfigError(f"run_dir={cfg.run_dir}: no {CHECKPOINT} there")
-    app = build_app(runs, default, cfg.device)
+        raise ConfigError(f"run_dir={cfg.run_dir}: no {MODEL_FILE} there")
+    limits = UploadLimits(cfg.max_files, int(cfg.max_file_mb * 2**20), cfg.max_image_pixels)
+    app = build_app(runs, default, cfg.device, limits)
     app.queue(max_size=cfg.queue_size)
     app.launch(
         server_name=cfg.host,
         server_port=cfg.port,
+        max_file_size=limits.max_bytes,  # the server refuses larger uploads before storing them
         share=False,
         ssr_mode=False,  # no Node server: plain FastAPI serving the bundled front end
         prevent_thread_lock=not block,

@@ -26,8 +26,8 @@ from torchmetrics.functional.classification import (
 from defectlab.data import scan_category, scan_labelled
 from defectlab.errors import ConfigError, DataError
 from defectlab.inference import Predictor, expand_input
+from defectlab.model_file import locate_model, run_folder
 from defectlab.results import read_json, write_json_atomic
-from defectlab.runner import locate_checkpoint
 
 REGION_STATS = (
     "area",
@@ -311,13 +311,13 @@ def plot_confusion(result: dict[str, Any], path: Path) -> Path:
 
 def run_classification(cfg: DictConfig) -> dict[str, Any]:
     """The job behind classify_defects.py."""
-    ckpt, _ = locate_checkpoint(cfg.run_dir, cfg.ckpt_path)
-    run_dir = ckpt.parent.parent
+    path, _ = locate_model(cfg.run_dir, cfg.model_path)
+    run_dir = run_folder(path)
     support = cfg.support
     if not (support in ("all", "loo") or (isinstance(support, int) and support >= 1)):
         raise ConfigError(f"support={support}: give a number >= 1 of images per type, loo or all")
     classifier = DefectTypeClassifier(cfg.method, cfg.k, cfg.embedding_weight, cfg.stats_weight)
-    predictor = Predictor.from_checkpoint(ckpt, cfg.device)
+    predictor = Predictor.from_model(path, cfg.device)
     paths, names = _defective(predictor.run_config)
     types = sorted(set(names))
     if len(types) < 2:

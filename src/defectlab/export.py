@@ -28,8 +28,8 @@ from defectlab.components.resize import ExactResize
 from defectlab.data import CategoryIndex, image_tensor, load_image, scan_category
 from defectlab.errors import ConfigError, DataError, ExportError
 from defectlab.inference import Predictor
+from defectlab.model_file import locate_model, run_folder
 from defectlab.results import atomic_target
-from defectlab.runner import locate_checkpoint
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 INPUT = "images"
@@ -264,7 +264,6 @@ def _sidecar(
     module: DeployModule,
     fmt: str,
     artefact: Path,
-    ckpt: Path,
     opset: int,
     parity: dict,
 ) -> dict[str, Any]:
@@ -278,7 +277,7 @@ def _sidecar(
         "model": cfg.get("model_name"),
         "backbone": None if backbone is None else backbone.get("name"),
         "category": str(cfg.data.category),
-        "checkpoint": str(ckpt.resolve()),
+        "model_file": str(predictor.model_file.resolve()),
         "input": {
             "name": INPUT,
             "dtype": "uint8",
@@ -337,14 +336,14 @@ def export_run(cfg: DictConfig) -> dict[str, Any]:
     """The job behind export.py: write the artefact and its sidecar, after a parity check."""
     if cfg.format not in FORMATS:
         raise ConfigError(f"format={cfg.format}: choose one of {sorted(FORMATS)}")
-    ckpt, _ = locate_checkpoint(cfg.run_dir, cfg.ckpt_path)
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else ckpt.parent.parent / "export"
+    path, _ = locate_model(cfg.run_dir, cfg.model_path)
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else run_folder(path) / "export"
     target = out_dir / f"model{FORMATS[cfg.format]}"
-    predictor = Predictor.from_checkpoint(ckpt, "cpu")
+    predictor = Predictor.from_model(path, "cpu")
     # A second copy to export: DeployModule swaps in the torch kNN, the reference keeps faiss.
     index = run_data(predictor.run_config)
     input_size = _input_size(cfg, predictor.run_config, index)
-    module = DeployModule(Predictor.from_checkpoint(ckpt, "cpu"), input_size).eval()
+    module = DeployModule(Predictor.from_model(path, "cpu"), input_size).eval()
     with atomic_target(target) as tmp:
         EXPORTERS[cfg.format](module, tmp, cfg.opset)
         images = parity_images(index, cfg.parity_images)
@@ -356,7 +355,7 @@ def export_run(cfg: DictConfig) -> dict[str, Any]:
                 f"exported {cfg.format} model disagrees with the trained model beyond "
                 f"parity_tolerance={cfg.parity_tolerance}: {parity}; nothing was written"
             )
-    sidecar = _sidecar(predictor, module, cfg.format, target, ckpt, cfg.opset, parity)
+    sidecar = _sidecar(predictor, module, cfg.format, target, cfg.opset, parity)
     with atomic_target(target.with_name(target.name + ".yaml")) as tmp:
         tmp.write_text(yaml.safe_dump(sidecar, sort_keys=False))
     size_mb = target.stat().st_size / 2**20

@@ -44,6 +44,7 @@ class ImageLimits:
 
     min_side: int = MIN_SIDE
     max_pixels: int = MAX_PIXELS
+    pixels_key: str = "data.max_image_pixels"  # the setting named when an image is refused
 
 
 DEFAULT_LIMITS = ImageLimits()
@@ -64,7 +65,7 @@ def _open(path: Path, what: str, limits: ImageLimits) -> Image.Image:
             w, h = img.size
             if w * h > limits.max_pixels:
                 raise DataError(
-                    f"{path}: {w}x{h} = {w * h} pixels exceeds data.max_image_pixels="
+                    f"{path}: {w}x{h} = {w * h} pixels exceeds {limits.pixels_key}="
                     f"{limits.max_pixels}. Downscale it, or raise the limit if it is genuine."
                 )
             img.load()

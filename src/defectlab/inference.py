@@ -1,6 +1,6 @@
 """Score new images with a trained run: ``python predict.py run_dir=<run> input=<image|folder|glob>``.
 
-The model, pre-processing, thresholds and normalisation all come from the run's checkpoint, so a
+The model, pre-processing, thresholds and normalisation all come from the run's model file, so a
 prediction is exactly what ``evaluate.py`` would compute for the same image. Unreadable files are
 reported and skipped; ``watch=true`` keeps scoring files that appear in a folder.
 """
@@ -20,11 +20,12 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from defectlab.data import IMAGE_EXTENSIONS, build_transform, image_tensor, load_image
+from defectlab.data import IMAGE_EXTENSIONS, build_transform, image_tensor
 from defectlab.errors import ConfigError, DataError
+from defectlab.imageio import DEFAULT_LIMITS, ImageLimits, load_image
+from defectlab.model_file import load_model, locate_model
 from defectlab.results import write_json_atomic
-from defectlab.runner import build_model, checkpoint_config, locate_checkpoint
-from defectlab.systems import AnomalySystem, build_system
+from defectlab.systems import AnomalySystem
 from defectlab.visualize import display_image, image_panel
 
 FIELDS = ("path", "score", "score_normalized", "verdict", "error")
@@ -38,28 +39,28 @@ class Predictor:
     transform: Callable
     run_config: DictConfig
     device: torch.device
+    model_file: Path
+    limits: ImageLimits = DEFAULT_LIMITS
 
     @classmethod
-    def from_checkpoint(cls, ckpt: str | Path, device: str = "auto") -> Predictor:
-        """Rebuild model, thresholds and normalisation from a train.py checkpoint."""
-        ckpt = Path(ckpt)
-        if not ckpt.is_file():
-            raise ConfigError(f"no checkpoint at {ckpt}: point run_dir= at a train.py run folder")
-        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
-        cfg = checkpoint_config(checkpoint, ckpt)
-        model, training = build_model(cfg)
-        system = build_system(model, training, normalization=cfg.eval.normalization)
-        system.on_load_checkpoint(checkpoint)  # checks the backbone, restores frozen weights
-        system.load_state_dict(checkpoint["state_dict"])
+    def from_model(cls, source: str | Path, device: str = "auto") -> Predictor:
+        """Load a run folder's (or a file's) trained model: model, thresholds, normalisation."""
+        loaded = load_model(source)
+        cfg = loaded.config
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        system.to(device).eval()
+        system = loaded.system.to(device).eval()
         transform = build_transform(cfg.data.image_size, cfg.data.get("crop_size"))
-        return cls(system, transform, cfg, torch.device(device))
+        # The run's own bad-file limits (decompression-bomb guard) apply to new images too.
+        limits = ImageLimits(
+            cfg.data.get("min_image_side", ImageLimits.min_side),
+            cfg.data.get("max_image_pixels", ImageLimits.max_pixels),
+        )
+        return cls(system, transform, cfg, torch.device(device), loaded.path, limits)
 
-    def load(self, path: Path) -> torch.Tensor:
+    def load(self, path: Path, limits: ImageLimits | None = None) -> torch.Tensor:
         """``(3, H, W)`` float image as the model saw its training data (raises DataError)."""
-        return self.transform(image_tensor(load_image(path)))
+        return self.transform(image_tensor(load_image(path, limits or self.limits)))
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, paths: list[str]) -> dict[str, Any]:
@@ -237,12 +238,12 @@ def watch_folder(
 
 def run_prediction(cfg: DictConfig) -> dict[str, Any]:
     """The job behind predict.py."""
-    ckpt, _ = locate_checkpoint(cfg.run_dir, cfg.ckpt_path)
+    path, _ = locate_model(cfg.run_dir, cfg.model_path)
     if cfg.input is None:
         raise ConfigError("input= is required: an image, a folder or a glob pattern")
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
-    predictor = Predictor.from_checkpoint(ckpt, cfg.device)
+    predictor = Predictor.from_model(path, cfg.device)
     out_dir = Path(cfg.paths.output_dir)
     writer = PredictionWriter(out_dir, predictor, cfg.save_images)
     start = time.perf_counter()
@@ -265,7 +266,7 @@ def run_prediction(cfg: DictConfig) -> dict[str, Any]:
     elapsed = time.perf_counter() - start
     errors = [r for r in writer.rows if r.get("error")]
     summary = {
-        "checkpoint": str(ckpt.resolve()),
+        "model_file": str(path.resolve()),
         "model": predictor.run_config.get("model_name"),
         "category": predictor.run_config.data.category,
         "threshold": predictor.system.calibration.as_dict(),

@@ -8,7 +8,7 @@ thresholds. Reading it never unpickles and runs nothing from the file: the heade
 JSON, every ``_target_`` of the config is checked against defectlab's own classes before anything
 is built (:mod:`defectlab.config_targets`), then names, shapes and dtypes of the tensors and the
 backbones' checksums are compared with the rebuilt model. Older pickle-based run folders are
-converted once, knowingly, with ``python -m defectlab.convert`` (the only code that unpickles).
+converted once, knowingly, with ``python -m defectlab.convert``.
 """
 
 from __future__ import annotations

@@ -11,35 +11,30 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 
+from defectlab.build import build, build_run_system, check_input_size
 from defectlab.callbacks import AnomalyImageWriter
 from defectlab.components import FeatureExtractor
 from defectlab.errors import ConfigError, DefectlabError
 from defectlab.experiment_log import finish, log_run
+from defectlab.model_file import MODEL_FILE, load_model, locate_model, save_model
 from defectlab.models import PatchCore, PatchCoreEnsemble
 from defectlab.provenance import provenance
 from defectlab.results import (
-    atomic_target,
     compare_metrics,
     format_summary,
     peak_rss_mb,
     read_json,
     write_json_atomic,
 )
-from defectlab.systems import AnomalySystem, TrainedSystem, build_system
+from defectlab.systems import AnomalySystem, TrainedSystem
 from defectlab.visualize import save_run_plots
 
 # Intended, not problems: frozen backbones stay in eval mode, memory banks have no optimiser.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 warnings.filterwarnings("ignore", message=r".*configure_optimizers.* returned `None`.*")
-# Testing a trained model's checkpoint needs no early-stopping/checkpoint callback state.
-warnings.filterwarnings("ignore", message=r".*callbacks used to create the checkpoint need.*")
 
-CHECKPOINT = Path("checkpoints") / "model.ckpt"
 # Keys of the composed config whose values come from Hydra's runtime and are frozen on save.
 _RUNTIME_KEYS = ("model_name", "backbone_name", "embedding_name", "data_name")
 
@@ -49,28 +44,8 @@ def _uses(model: torch.nn.Module, kind: type) -> bool:
     return any(isinstance(module, kind) for module in model.modules())
 
 
-def build(node: DictConfig, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate`` that lets defectlab's own errors through unwrapped.
-
-    Hydra wraps constructor errors in InstantiationException, whose repr buries our message
-    (which already names the config key and what to do).
-    """
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as err:
-        if isinstance(err.__cause__, DefectlabError):
-            raise err.__cause__ from None
-        raise
-
-
 def _build_all(group: DictConfig | None) -> list:
     return [build(node) for node in (group or {}).values() if node is not None]
-
-
-def save_checkpoint_atomic(trainer: L.Trainer, path: Path) -> None:
-    """Save to a temporary name, then rename: an interrupted save never leaves a loadable stub."""
-    with atomic_target(path) as tmp:
-        trainer.save_checkpoint(tmp)
 
 
 def config_snapshot(cfg: DictConfig) -> dict:
@@ -100,44 +75,11 @@ class Job:
     image_writer: AnomalyImageWriter
 
 
-def build_model(cfg: DictConfig) -> tuple[Any, dict[str, Any] | None]:
-    """The pure torch model, and the built ``model.fit`` section of trained models.
+def build_job(cfg: DictConfig, out_dir: Path, system: AnomalySystem | None = None) -> Job:
+    """Instantiate data, model, system, trainer and the image writer (fails on bad config).
 
-    ``model.fit`` (optimizer, patience, synthetic anomalies) configures the Lightning system, not
-    the model, so it is split off before instantiation; ``max_epochs`` goes to the trainer.
+    ``system``: an already built one (a loaded model file) instead of a new one from ``cfg``.
     """
-    node = OmegaConf.to_container(cfg.model, resolve=True)
-    fit = node.pop("fit", None)
-    model = build(OmegaConf.create(node))
-    if fit is None:
-        return model, None
-    fit = OmegaConf.create(fit)
-    training = {
-        "optimizer": build(fit.optimizer),
-        "patience": fit.patience,
-        "min_delta": fit.min_delta,
-    }
-    if fit.get("anomalies") is not None:
-        training["anomalies"] = build(fit.anomalies)
-    return model, training
-
-
-def check_input_size(model: Any, data: DictConfig) -> None:
-    """ConfigError unless the network input side is a multiple of what the model needs."""
-    multiple = getattr(model, "input_multiple", 1)
-    key = "data.crop_size" if data.get("crop_size") else "data.image_size"
-    size = data.get("crop_size") or data.image_size
-    if size % multiple:
-        lower, upper = size // multiple * multiple, (size // multiple + 1) * multiple
-        raise ConfigError(
-            f"{key}={size} is not a multiple of {multiple}, which {type(model).__name__} needs "
-            f"(its deepest layer downsamples by {multiple}): use {key}="
-            + (f"{lower} or {upper}" if lower else f"{upper}")
-        )
-
-
-def build_job(cfg: DictConfig, out_dir: Path) -> Job:
-    """Instantiate data, model, system, trainer and the image writer (fails on bad config)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
     if cfg.threshold.strategy == "f1_val" and not cfg.data.get("val_dir"):
@@ -145,29 +87,11 @@ def build_job(cfg: DictConfig, out_dir: Path) -> Job:
             "threshold=f1_val needs a labelled validation folder: data.val_dir=<folder with good/ "
             "and <defect_type>/ sub-folders>"
         )
-    try:
-        threshold = OmegaConf.to_container(cfg.threshold, resolve=True, throw_on_missing=True)
-    except MissingMandatoryValue as err:
-        raise ConfigError(
-            f"{err.full_key} must be set, e.g. threshold=fixed threshold.value=12.5"
-        ) from None
-    model, training = build_model(cfg)
-    check_input_size(model, cfg.data)
-    system = build_system(
-        model,
-        training,
-        threshold=threshold,
-        normalization=cfg.eval.normalization,
-        evaluation={
-            "max_fpr": cfg.eval.max_fpr,
-            "bootstrap": OmegaConf.to_container(cfg.eval.bootstrap, resolve=True),
-        },
-        validation_anomalies=(
-            build(cfg.eval.validation_anomalies)
-            if cfg.eval.get("validation_anomalies") is not None
-            else None
-        ),
-    )
+    if system is None:
+        system = build_run_system(cfg)
+    else:
+        check_input_size(system.model, cfg.data)
+    model = system.model
     trained = isinstance(system, TrainedSystem)
     if cfg.data.get("labeled_anomalies", 0) and not getattr(model, "supervised", False):
         raise ConfigError(
@@ -197,16 +121,16 @@ def build_job(cfg: DictConfig, out_dir: Path) -> Job:
     return Job(cfg, out_dir, datamodule, system, trainer, image_writer)
 
 
-def test_and_report(job: Job, ckpt: Path, extra: dict[str, Any]) -> dict[str, Any]:
-    """Test the saved checkpoint, then write results.json, predictions.json, plots and images.
+def test_and_report(job: Job, model_file: Path, extra: dict[str, Any]) -> dict[str, Any]:
+    """Test ``job.system`` (loaded from ``model_file``), then write results, predictions, plots.
 
-    ``extra`` adds top-level entries; its ``timing`` and ``counts`` are merged into those sections.
+    ``extra`` adds top-level entries; its ``timing``, ``memory`` and ``counts`` are merged into
+    those sections.
     """
     extra = dict(extra)
     start = time.perf_counter()
-    # Test what was saved: the checkpoint alone must reproduce these numbers.
     # verbose=False: Lightning's table would list every per-type key; format_summary prints ours.
-    job.trainer.test(job.system, datamodule=job.datamodule, ckpt_path=str(ckpt), verbose=False)
+    job.trainer.test(job.system, datamodule=job.datamodule, verbose=False)
     test_s = time.perf_counter() - start
     cfg, system, tested = job.cfg, job.system, job.system.test_results
     category = cfg.data.category
@@ -239,8 +163,8 @@ def test_and_report(job: Job, ckpt: Path, extra: dict[str, Any]) -> dict[str, An
             "bank_mb": None if bank is None else bank.numel() * bank.element_size() / 2**20,
             "parameters": sum(p.numel() for p in system.model.parameters()),
             "bank_shape": None if bank is None else list(bank.shape),
-            # Training-embedding buffer of memory-bank models (size, dtype, chunking).
-            **getattr(system, "memory_stats", {}),
+            # Training-embedding buffer of memory-bank models (size, dtype, chunking): from fitting.
+            **extra.pop("memory", {}),
         },
         "counts": {
             "test": n_test,
@@ -249,7 +173,7 @@ def test_and_report(job: Job, ckpt: Path, extra: dict[str, Any]) -> dict[str, An
             "labeled_anomalies": dict(job.datamodule.labeled_counts),
             **extra.pop("counts", {}),
         },
-        "checkpoint": str(ckpt.resolve()),
+        "model_file": str(model_file.resolve()),
         "seed": cfg.seed,
         "provenance": provenance(cfg, system.model),
         # on_bad_file=skip: what was left out, and masks with no image (ignored either way).
@@ -271,31 +195,51 @@ def test_and_report(job: Job, ckpt: Path, extra: dict[str, Any]) -> dict[str, An
     return results
 
 
+def restore_best_epoch(system: TrainedSystem, best: Path) -> int:
+    """Load the best epoch's weights and calibration from Lightning's checkpoint; its epoch (1-).
+
+    The checkpoint was written by this training run a moment ago; torch's weights-only reader
+    still refuses anything but tensors and plain containers.
+    """
+    checkpoint = torch.load(best, map_location="cpu", weights_only=True)
+    system.on_load_checkpoint(checkpoint)
+    system.load_state_dict(checkpoint["state_dict"])
+    return int(checkpoint["epoch"]) + 1
+
+
 def run_training(cfg: DictConfig) -> dict[str, Any]:
-    """Fit ``cfg.model`` on ``cfg.data``, test the checkpoint and write the run folder."""
+    """Fit ``cfg.model`` on ``cfg.data``, save the model file, test it as loaded, write the run."""
     job = build_job(cfg, Path(cfg.paths.output_dir))
-    job.system.run_config = config_snapshot(cfg)
+    job.system.run_config = config_snapshot(cfg)  # embedded in Lightning's training checkpoints
 
     start = time.perf_counter()
     job.trainer.fit(job.system, datamodule=job.datamodule)
     fit_s = time.perf_counter() - start
 
-    ckpt = job.out_dir / CHECKPOINT
+    fitted, path = job.system, job.out_dir / MODEL_FILE
     extra: dict[str, Any] = {}
-    if isinstance(job.system, TrainedSystem):
+    file_extra: dict[str, Any] = {}
+    if isinstance(fitted, TrainedSystem):
         best = job.trainer.checkpoint_callback.best_model_path
         if not best:
             raise DefectlabError("training ended before a validation epoch: no checkpoint")
-        Path(best).replace(ckpt)  # the best epoch (rename: atomic) is the model that is tested
-        extra["training"] = job.system.training_summary()
-    else:
-        save_checkpoint_atomic(job.trainer, ckpt)
+        # The best epoch is the model that is saved and tested; best.ckpt stays for resuming.
+        file_extra["training"] = {"epoch": restore_best_epoch(fitted, Path(best))}
+        extra["training"] = fitted.training_summary()
+    save_model(fitted, config_snapshot(cfg), path, extra=file_extra)
+    extra |= {
+        "validation": dict(fitted.validation_metrics),
+        "memory": dict(getattr(fitted, "memory_stats", {})),
+        "timing": {"fit_s": fit_s, "sample_s": getattr(fitted, "sample_s", None)},
+    }
+    # Test exactly what is deployed: the model file, through the loader every consumer uses.
+    del fitted
+    job.system = load_model(path).system
     results = test_and_report(
         job,
-        ckpt,
+        path,
         {
             **extra,
-            "timing": {"fit_s": fit_s, "sample_s": getattr(job.system, "sample_s", None)},
             "counts": {
                 "train": len(job.datamodule.fit_set),
                 "holdout": len(job.datamodule.val_set),
@@ -324,7 +268,7 @@ def finished_results(out_dir: Path) -> dict[str, Any] | None:
     A failed, interrupted (no results.json) or differently configured job is run again.
     """
     path = out_dir / "results.json"
-    if not path.is_file() or not (out_dir / CHECKPOINT).is_file():
+    if not path.is_file() or not (out_dir / MODEL_FILE).is_file():
         return None
     try:
         results = read_json(path)
@@ -347,42 +291,15 @@ def optimized_value(results: dict[str, Any], key: str) -> float | None:
     return results["metrics"].get(key)
 
 
-def checkpoint_config(checkpoint: dict, ckpt: Path) -> DictConfig:
-    """The run config train.py embedded in a loaded checkpoint (ConfigError if there is none)."""
-    snapshot = checkpoint.get("defectlab_config")
-    if snapshot is None:
-        raise ConfigError(f"{ckpt} holds no defectlab_config: it was not written by train.py")
-    return OmegaConf.create(snapshot)
-
-
-def locate_checkpoint(run_dir: str | None, ckpt_path: str | None) -> tuple[Path, Path | None]:
-    if (run_dir is None) == (ckpt_path is None):
-        raise ConfigError(
-            "give exactly one of run_dir=<train run folder> or ckpt_path=<model.ckpt>"
-        )
-    if run_dir is not None:
-        ckpt = Path(run_dir) / CHECKPOINT
-        reference = Path(run_dir) / "results.json"
-    else:
-        ckpt = Path(ckpt_path)
-        reference = ckpt.parent.parent / "results.json"
-    if not ckpt.is_file():
-        raise ConfigError(
-            f"no checkpoint at {ckpt}: point run_dir= at a folder written by train.py"
-        )
-    return ckpt, reference if reference.is_file() else None
-
-
 def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
-    """Rebuild a trained model from its checkpoint, re-test it and write a new results folder.
+    """Load a trained model file, re-test it and write a new results folder.
 
     ``cfg.data.*`` values that are not null override the run's data config, to score another
     root or category with the same model. Nothing in the training run folder is modified.
     """
-    ckpt, reference = locate_checkpoint(cfg.run_dir, cfg.ckpt_path)
-    # mmap: only the small config entry is read here; trainer.test loads the tensors later.
-    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
-    run_cfg = checkpoint_config(checkpoint, ckpt)
+    path, reference = locate_model(cfg.run_dir, cfg.model_path)
+    loaded = load_model(path)
+    run_cfg = loaded.config
     out_dir = Path(cfg.paths.output_dir)
     run_cfg.paths.output_dir = str(out_dir)
     overrides = {k: v for k, v in cfg.data.items() if v is not None}
@@ -392,8 +309,8 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         run_cfg.data[key] = value
     same_data = not ({"root", "category"} & overrides.keys())
 
-    job = build_job(run_cfg, out_dir)
-    results = test_and_report(job, ckpt, {"evaluated_from": str(ckpt.resolve())})
+    job = build_job(run_cfg, out_dir, system=loaded.system)
+    results = test_and_report(job, path, {"evaluated_from": str(path.resolve())})
     if reference is not None and same_data:
         diff = compare_metrics(read_json(reference), results)
         results["reproduces"] = {"results": str(reference.resolve()), "max_abs_diff": diff}

@@ -1,4 +1,8 @@
-"""Shared Lightning behaviour: held-out calibration, test metrics, deployable predictions, lean checkpoints."""
+"""Shared Lightning behaviour: held-out calibration, test metrics, deployable predictions, lean checkpoints.
+
+Trained models are saved and loaded as model files (:mod:`defectlab.model_file`); Lightning
+checkpoints are training state only.
+"""
 
 from __future__ import annotations
 
@@ -20,8 +24,6 @@ from defectlab.metrics import ThresholdSpec, image_threshold, pixel_threshold, s
 from defectlab.metrics.image import both_classes, unit_interval
 from defectlab.models.output import AnomalyOutput, predict_in_slices
 
-# Frozen pretrained weights are rebuilt from the backbone config, so checkpoints skip them.
-FROZEN_PREFIX = "model.extractor.net."
 HELDOUT, LABELLED = 0, 1  # validation dataloader indices (see AnomalyDataModule.val_dataloader)
 
 
@@ -71,7 +73,7 @@ class AnomalySystem(L.LightningModule):
         self.threshold_spec = ThresholdSpec(**(threshold or {}))
         self.calibration = Calibration(normalization)
         self.evaluation = _check_evaluation(evaluation or {})
-        self.run_config: dict | None = None  # saved into checkpoints; evaluate.py rebuilds from it
+        self.run_config: dict | None = None  # embedded in Lightning (training-state) checkpoints
         self._val: dict[int, dict[str, list]] = {}
         self._test: dict[str, list] = defaultdict(list)
         self.test_results: dict[str, Any] | None = None
@@ -273,6 +275,11 @@ class AnomalySystem(L.LightningModule):
         return ids.get(FROZEN_PREFIX.removesuffix("net."), ids)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Lightning checkpoints (training state only: resuming) skip frozen pretrained weights.
+
+        Trained models are used from their model file (:mod:`defectlab.model_file`), never from
+        a Lightning checkpoint. A random init cannot be rebuilt, so its weights stay.
+        """
         state = checkpoint["state_dict"]
         frozen = tuple(self._frozen_prefixes())
         for key in [k for k in state if frozen and k.startswith(frozen)]:
