@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from defectlab.components import (
     BackboneEnsemble,
@@ -10,6 +11,7 @@ from defectlab.components import (
     NearestNeighbors,
 )
 from defectlab.errors import ConfigError
+from defectlab.model_file import read_metadata
 from defectlab.models import PatchCore, PatchCoreEnsemble, build_patchcore
 
 
@@ -100,6 +102,21 @@ def test_ensemble_trains_and_tests_from_the_composed_config(make_cfg, synthetic_
     assert set(results["memory"]["members"]) == {"lite0", "lite1"}
     assert results["metrics"]["image_auroc"] > 0.9
     assert results["metrics"]["pixel_auroc"] > 0.9
+
+    # The model file: every member's backbone recorded with its own checksum, no frozen weights,
+    # every member's bank stored (and resizable), the normalisation statistics with them.
+    meta = read_metadata(results["model_file"])
+    backbones = {b["module"]: b for b in meta["backbones"]}
+    assert set(backbones) == {f"model.members.{m}.extractor" for m in ("lite0", "lite1")}
+    assert (
+        backbones["model.members.lite0.extractor"]["sha256"]
+        != (backbones["model.members.lite1.extractor"]["sha256"])
+    )
+    banks = [f"model.members.{m}.memory_bank" for m in ("lite0", "lite1")]
+    assert meta["tensors"]["resizable"] == banks
+    stored = load_file(results["model_file"])
+    assert not any(".net." in key for key in stored)
+    assert {*banks, "model.score_mean", "model.map_std", "model.normalized"} <= stored.keys()
 
 
 def test_ensemble_without_held_out_images_is_refused_before_any_work(

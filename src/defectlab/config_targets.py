@@ -2,9 +2,11 @@
 
 A stored config is data from wherever the model file came from; ``hydra.utils.instantiate`` would
 import and call whatever its ``_target_`` keys name (``os.system``, ``builtins.eval``, ...). Every
-``_target_`` must therefore be a class defined in defectlab, or one of the few library classes the
-project's own configs use (conf/: Lightning's Trainer and loggers, torch optimisers as partials).
-The check imports nothing outside these packages: a name's prefix is checked before it is imported.
+``_target_`` must therefore be a class defined in defectlab, one of defectlab's few model factories
+(:data:`DEFECTLAB_FACTORIES`), or one of the few library classes the project's own configs use
+(conf/: Lightning's Trainer and loggers, torch optimisers as partials). Functions are not allowed
+in general: ``defectlab.results.write_json_atomic`` would write a file. The check imports nothing
+outside these packages: a name's prefix is checked before it is imported.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ LIBRARY_CLASSES = {
     ),
 }
 LIBRARY_EXACT = {"lightning.pytorch.Trainer", "lightning.Trainer"}
+# defectlab functions a config may name (by where they are defined): they only build models.
+DEFECTLAB_FACTORIES = {"defectlab.models.ensemble.build_patchcore"}
 _DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 MAX_DEPTH = 64  # a config nests a few levels; deeper means a self-referencing interpolation
 
@@ -56,8 +60,8 @@ def _defined_under(obj: Any, package: str) -> bool:
 def check_target(target: Any, key: str, source: str) -> None:
     """ConfigError unless ``target`` names an allowed class (see the module docstring)."""
     allowed = (
-        f"{OWN_PACKAGE}.* classes, {sorted(LIBRARY_EXACT)}, or subclasses under "
-        f"{sorted(LIBRARY_CLASSES)}"
+        f"{OWN_PACKAGE}.* classes, {sorted(DEFECTLAB_FACTORIES)}, {sorted(LIBRARY_EXACT)}, or "
+        f"subclasses under {sorted(LIBRARY_CLASSES)}"
     )
 
     def refuse(why: str) -> ConfigError:
@@ -76,6 +80,11 @@ def check_target(target: Any, key: str, source: str) -> None:
         obj = _locate(target)
     except (ImportError, AttributeError) as err:
         raise refuse(f"does not exist ({type(err).__name__})") from None
+    if (
+        f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
+        in DEFECTLAB_FACTORIES
+    ):
+        return
     if not inspect.isclass(obj):
         raise refuse("is not a class")
     if target in LIBRARY_EXACT:

@@ -24,6 +24,8 @@ from defectlab.metrics import ThresholdSpec, image_threshold, pixel_threshold, s
 from defectlab.metrics.image import both_classes, unit_interval
 from defectlab.models.output import AnomalyOutput, predict_in_slices
 
+# Frozen pretrained weights are rebuilt from the backbone config, so checkpoints skip them.
+FROZEN_PREFIX = "model.extractor.net."
 HELDOUT, LABELLED = 0, 1  # validation dataloader indices (see AnomalyDataModule.val_dataloader)
 
 
