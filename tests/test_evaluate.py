@@ -71,6 +71,9 @@ def test_evaluate_needs_exactly_one_source(make_cfg, tmp_path):
         run_evaluation(make_cfg(f"run_dir={tmp_path}", config="evaluate"))
 
 
+REPEATS = "eval.validation_repeats=2"
+
+
 def test_poisoned_test_set_does_not_move_thresholds(make_cfg, synthetic_root, tmp_path):
     """Replace every test image by noise and add more: calibration and validation metrics
     (what hyper-parameter searches optimise) must not change at all."""
@@ -78,9 +81,12 @@ def test_poisoned_test_set_does_not_move_thresholds(make_cfg, synthetic_root, tm
     shutil.copytree(synthetic_root / "brick", clean / "brick")
     val = "eval.validation_anomalies={_target_:defectlab.components.SyntheticAnomalies,probability:1.0}"
     a = run_training(
-        make_cfg(*FAST, val, f"data.root={clean}", "data.category=brick", out=tmp_path / "a")
+        make_cfg(
+            *FAST, val, REPEATS, f"data.root={clean}", "data.category=brick", out=tmp_path / "a"
+        )
     )
     assert a["validation"]["val_synthetic_auroc"] > 0.9  # pasted defects score above clean images
+    assert a["validation"]["val_synthetic_pixel_auroc"] > 0.8  # ... and are found where pasted
 
     poisoned = tmp_path / "poisoned"
     shutil.copytree(clean / "brick", poisoned / "brick")
@@ -93,7 +99,9 @@ def test_poisoned_test_set_does_not_move_thresholds(make_cfg, synthetic_root, tm
             poisoned / "brick" / "test" / "good" / f"extra_{i}.png"
         )
     b = run_training(
-        make_cfg(*FAST, val, f"data.root={poisoned}", "data.category=brick", out=tmp_path / "b")
+        make_cfg(
+            *FAST, val, REPEATS, f"data.root={poisoned}", "data.category=brick", out=tmp_path / "b"
+        )
     )
     assert b["threshold"] == a["threshold"]  # thresholds and normalisation statistics
     assert b["validation"] == a["validation"]

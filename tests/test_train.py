@@ -184,6 +184,7 @@ def test_bad_config_value_fails_before_heavy_work(make_cfg, tmp_path):
     for override, key in [
         ("eval.normalization=zscore", "eval.normalization=zscore"),
         ("eval.max_fpr=0", "eval.max_fpr"),
+        ("eval.validation_repeats=0", "eval.validation_repeats"),
         ("eval.bootstrap.confidence=95", "eval.bootstrap.confidence"),
         ("eval.images.max_per_type=-1", "eval.images.max_per_type"),
         ("threshold.percentile=101", "threshold.percentile"),

@@ -86,6 +86,7 @@ def build_run_system(cfg: DictConfig) -> AnomalySystem:
         evaluation={
             "max_fpr": cfg.eval.max_fpr,
             "bootstrap": OmegaConf.to_container(cfg.eval.bootstrap, resolve=True),
+            "validation_repeats": cfg.eval.get("validation_repeats", 1),
         },
         validation_anomalies=(
             build(cfg.eval.validation_anomalies)

@@ -40,6 +40,7 @@ RUN_COLUMNS = (
     "category",
     *TEST_METRICS,
     "val_synthetic_auroc",
+    "val_synthetic_pixel_auroc",
     "fit_s",
     "test_images_per_s",
     "peak_rss_mb",
@@ -75,7 +76,10 @@ def collect(folders: list[str | Path]) -> list[dict[str, Any]]:
                     "data": results.get("data"),
                     "category": results.get("category"),
                     **{k: metrics.get(k) for k in TEST_METRICS},
-                    "val_synthetic_auroc": results.get("validation", {}).get("val_synthetic_auroc"),
+                    **{
+                        k: results.get("validation", {}).get(k)
+                        for k in ("val_synthetic_auroc", "val_synthetic_pixel_auroc")
+                    },
                     "fit_s": timing.get("fit_s"),
                     "test_images_per_s": timing.get("test_images_per_s"),
                     "peak_rss_mb": (results.get("memory") or {}).get("peak_rss_mb"),

@@ -33,10 +33,11 @@ METRIC_COLUMNS = (
     "pixel_aupro",
     "pixel_f1",
 )
-VALIDATION_COLUMNS = ("val_synthetic_auroc", "val_image_auroc")
+VALIDATION_COLUMNS = ("val_synthetic_auroc", "val_synthetic_pixel_auroc", "val_image_auroc")
 COST_COLUMNS = ("fit_s", "test_s", "test_images_per_s", "peak_rss_mb")
 MARKDOWN_COLUMNS = (
     "val_synthetic_auroc",
+    "val_synthetic_pixel_auroc",
     "image_auroc",
     "image_f1",
     "pixel_auroc",

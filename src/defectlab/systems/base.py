@@ -15,6 +15,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torchmetrics.functional.classification import binary_auroc
 
 from defectlab.components.backbone import FeatureExtractor
@@ -27,6 +28,18 @@ from defectlab.models.output import AnomalyOutput, predict_in_slices
 # Frozen pretrained weights are rebuilt from the backbone config, so checkpoints skip them.
 FROZEN_PREFIX = "model.extractor.net."
 HELDOUT, LABELLED = 0, 1  # validation dataloader indices (see AnomalyDataModule.val_dataloader)
+VAL_SEED_STRIDE = 100_003  # seed offset between repeats of the synthetic validation defects
+COARSE_SIDE = 64  # synthetic validation maps/masks are pooled to at most this side (memory)
+
+
+def _coarse(maps: torch.Tensor) -> torch.Tensor:
+    """Average-pool ``(B, 1, H, W)`` maps so the longer side is at most ``COARSE_SIDE``.
+
+    Maps are Gaussian-blurred (sigma 4 px at 224 px), so pooling by 4 hardly changes their
+    ranking, while 1,000 held-out images x 4 repeats at full size would hold 800 MB.
+    """
+    factor = max(1, -(-max(maps.shape[-2:]) // COARSE_SIDE))
+    return F.avg_pool2d(maps, factor, ceil_mode=True) if factor > 1 else maps
 
 
 def _check_evaluation(evaluation: Mapping[str, Any]) -> dict[str, Any]:
@@ -38,6 +51,10 @@ def _check_evaluation(evaluation: Mapping[str, Any]) -> dict[str, Any]:
     if bootstrap.get("n_resamples", 0) < 0:
         raise ConfigError(
             f"eval.bootstrap.n_resamples must be >= 0, got {bootstrap['n_resamples']}"
+        )
+    if evaluation.get("validation_repeats", 1) < 1:
+        raise ConfigError(
+            f"eval.validation_repeats must be >= 1, got {evaluation['validation_repeats']}"
         )
     if not 0 < bootstrap.get("confidence", 0.95) < 1:
         raise ConfigError(
@@ -53,11 +70,12 @@ class AnomalySystem(L.LightningModule):
         model: a pure torch model with ``predict(images) -> AnomalyOutput``.
         threshold: the ``threshold`` config (strategy, percentile, n_sigma, value, pixel_value).
         normalization: ``eval.normalization`` (``none``, ``minmax``, ``threshold``).
-        evaluation: ``max_fpr`` (AUPRO limit) and ``bootstrap`` (``n_resamples``, ``confidence``,
-            ``seed``) from ``eval``.
+        evaluation: ``max_fpr`` (AUPRO limit), ``bootstrap`` (``n_resamples``, ``confidence``,
+            ``seed``) and ``validation_repeats`` (synthetic draws per held-out image) from ``eval``.
         validation_anomalies: synthetic defects pasted onto the held-out good images; their
-            scores against the clean ones give ``val_synthetic_auroc``, a validation metric that
-            never touches the test set (hyper-parameter search). None = not computed.
+            scores against the clean ones give ``val_synthetic_auroc`` and their maps against
+            the pasted masks ``val_synthetic_pixel_auroc``, validation metrics that never touch
+            the test set (model selection without labels). None = not computed.
     """
 
     def __init__(
@@ -102,10 +120,17 @@ class AnomalySystem(L.LightningModule):
                 store["map"].append(amap)
                 store["mask"].append(batch["mask"].cpu())
         elif self.validation_anomalies is not None:
-            # Fixed seed per batch: every epoch and every trial sees the same defects.
-            generator = torch.Generator().manual_seed(self.validation_anomalies.seed + batch_idx)
-            pasted, _ = self.validation_anomalies(batch["image"], generator)
-            store["synthetic_score"].append(self.predict_images(pasted).score.detach().cpu())
+            for repeat in range(self.evaluation.get("validation_repeats", 1)):
+                # Fixed seed per batch and repeat: every epoch and every trial sees the same
+                # defects (repeat 0 draws what a single draw always drew).
+                seed = self.validation_anomalies.seed + batch_idx + VAL_SEED_STRIDE * repeat
+                pasted, masks = self.validation_anomalies(
+                    batch["image"], torch.Generator().manual_seed(seed)
+                )
+                out = self.predict_images(pasted)
+                store["synthetic_score"].append(out.score.detach().cpu())
+                store["synthetic_map"].append(_coarse(out.anomaly_map.detach().float().cpu()))
+                store["synthetic_mask"].append(_coarse(masks.float().cpu()) > 0.5)
 
     def on_validation_epoch_end(self) -> None:
         if HELDOUT not in self._val:
@@ -143,6 +168,12 @@ class AnomalySystem(L.LightningModule):
             ).long()
             # unit_interval: torchmetrics would squash scores outside [0, 1] with a sigmoid.
             out["val_synthetic_auroc"] = float(binary_auroc(unit_interval(scores), labels))
+            # Pixel AUROC over the pasted images' maps: how well the model localises defects it
+            # has never seen; ranks configurations by test pixel metrics (docs/methods/patchcore.md).
+            masks = good["synthetic_mask"].flatten()
+            if both_classes(masks, "synthetic validation masks"):
+                maps = unit_interval(good["synthetic_map"].flatten())
+                out["val_synthetic_pixel_auroc"] = float(binary_auroc(maps, masks.long()))
         if "label" in val and both_classes(val["label"], "validation"):
             scores = unit_interval(val["score"].float())
             out["val_image_auroc"] = float(binary_auroc(scores, val["label"].long()))
