@@ -100,3 +100,24 @@ def test_knn_search_benchmark_refuses_bad_specs(trained_run, tmp_path, spec, mes
     proc = subprocess.run([*cmd, "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "knn_search.json").exists()
+
+
+def test_patchcore_variants_scores_label_free_and_tables(trained_run, tmp_path):
+    out = tmp_path / "variants"
+    for name in ("paper", "native", "native_k1"):  # three copies of one run, as three variants
+        shutil.copytree(trained_run, out / name / "brick")
+    base = [sys.executable, "benchmarks/patchcore_variants.py"]
+    for job in (["score", "--repeats", "2"], ["table", "--repeats", "2"]):
+        cmd = [*base, *job, "--data", "brick", "--out", str(out)]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    scores = [
+        json.loads((out / name / "brick" / "label_free.json").read_text())["small_x2"]
+        for name in ("paper", "native", "native_k1")
+    ]
+    assert scores[0] == scores[1] == scores[2]  # the same model scores the same defects alike
+    assert 0.5 < scores[0]["val_synthetic_auroc"] <= 1
+    assert 0.5 < scores[0]["val_synthetic_pixel_auroc"] <= 1
+    result = json.loads((out / "patchcore_variants.json").read_text())
+    assert set(result["runs"]) == {"paper", "native", "native_k1"}
+    assert "| native_k1 |" in (out / "patchcore_variants.md").read_text()
