@@ -10,7 +10,7 @@ reproduced. Examples:
 import hydra
 from omegaconf import DictConfig
 
-from defectlab.runner import run_evaluation
+from defectlab.jobs import run_evaluation
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")

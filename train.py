@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from defectlab.runner import finished_results, optimized_value, run_training
+from defectlab.jobs import finished_results, optimized_value, run_training
 from defectlab.sweep import record_failure
 
 log = logging.getLogger(__name__)

@@ -18,6 +18,14 @@ from defectlab.datasets import SyntheticPreparer
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
+# Tiny runs on the session's synthetic folder (``data.root=<synthetic_root>``), used as it is.
+FAST = [
+    "debug=tiny",  # conf/debug/tiny.yaml: synthetic data at 96 px, no logger
+    "data.prepare=null",  # use the session fixture's folder as it is (no rewrite)
+    "embedding.target_embed_dim=256",
+    "embedding.pretrain_embed_dim=256",
+]
+
 
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
@@ -53,9 +61,7 @@ def make_cfg(tmp_path):
 @pytest.fixture(scope="session")
 def trained_run(synthetic_root, tmp_path_factory):
     """A PatchCore run on synthetic brick (96 px), trained once for the tests that consume runs."""
-    from defectlab.runner import run_training
-
-    from .test_train import FAST
+    from defectlab.jobs import run_training
 
     run = tmp_path_factory.mktemp("run")
     overrides = [f"paths.output_dir={run}", *FAST, f"data.root={synthetic_root}"]

@@ -85,6 +85,7 @@ def test_weights_of_another_architecture_are_rejected(tmp_path):
         FeatureExtractor("resnet18", ["layer2"], weights=str(tmp_path / "missing.pth"))
 
 
+@pytest.mark.e2e  # builds ViT-B/16 twice
 def test_vit_weights_file_patch_tokens_and_class_token(tmp_path):
     """A timm ViT state dict loads offline; feature maps are patch tokens, CLS comes separately."""
     reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, dynamic_img_size=True)

@@ -279,6 +279,7 @@ def test_fuzz_valid_and_damaged_images_load_or_raise_data_error(tmp_path, sample
         assert mask.dtype == bool and mask.shape == size[::-1]
 
 
+@pytest.mark.e2e  # consumes the session's trained run
 def test_results_list_skipped_files(trained_run):
     """The session run has no bad files: the section exists and is empty."""
     results = json.loads((trained_run / "results.json").read_text())

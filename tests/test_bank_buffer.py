@@ -5,9 +5,9 @@ import torch
 
 from defectlab.components import CoresetSampler, EmbeddingBuffer
 from defectlab.errors import ConfigError
-from defectlab.runner import run_training
+from defectlab.jobs import run_training
 
-from .test_train import FAST
+from .conftest import FAST
 
 
 def _batches(rows: torch.Tensor, size: int):
@@ -93,7 +93,7 @@ def test_bad_chunk_is_a_config_error():
 
 
 def test_bad_memory_config_fails_at_build(make_cfg):
-    from defectlab.runner import build
+    from defectlab.build import build
 
     with pytest.raises(ConfigError, match=r"model.memory.dtype=float8.*choose one of"):
         build(make_cfg("data=synthetic", "model.memory.dtype=float8").model)

@@ -33,7 +33,7 @@ def test_latency_benchmark_writes_its_table(trained_run, make_cfg, tmp_path):
 
 
 def test_patchcore_speed_and_backbone_floor_write_their_tables(synthetic_root, tmp_path):
-    from .test_train import FAST
+    from .conftest import FAST
 
     overrides = [*FAST, f"data.root={synthetic_root}", "data.category=brick"]
     common = ["--batch", "4", "--out", str(tmp_path)]

@@ -111,3 +111,10 @@ def test_category_without_ground_truth_has_no_masks(synthetic_root, tmp_path):
     dm = AnomalyDataModule(str(root), "brick", image_size=64, batch_size=64)
     dm.setup()
     assert "mask" not in next(iter(dm.test_dataloader()))
+
+
+def test_deprecated_labelled_spelling_is_accepted_with_a_warning(synthetic_root):
+    with pytest.warns(FutureWarning, match="spell it data.labeled_anomalies"):
+        dm = AnomalyDataModule(str(synthetic_root), "brick", image_size=64, labelled_anomalies=1)
+    dm.setup()
+    assert dm.labeled_counts == {"hole": 1, "scratch": 1, "stain": 1}

@@ -18,10 +18,9 @@ from defectlab.defect_types import (
     run_classification,
 )
 from defectlab.errors import ConfigError
-from defectlab.runner import run_training
+from defectlab.jobs import run_training
 
-from .conftest import CONF
-from .test_train import FAST
+from .conftest import CONF, FAST
 
 pytestmark = pytest.mark.e2e
 

@@ -84,9 +84,9 @@ def test_ensemble_needs_two_members_and_held_out_images():
 
 @pytest.mark.e2e
 def test_ensemble_trains_and_tests_from_the_composed_config(make_cfg, synthetic_root):
-    from defectlab.runner import run_training
+    from defectlab.jobs import run_training
 
-    from .test_train import FAST
+    from .conftest import FAST
 
     cfg = make_cfg(
         *FAST,
@@ -122,7 +122,7 @@ def test_ensemble_trains_and_tests_from_the_composed_config(make_cfg, synthetic_
 def test_ensemble_without_held_out_images_is_refused_before_any_work(
     make_cfg, synthetic_root, tmp_path
 ):
-    from defectlab.runner import build_job
+    from defectlab.jobs import build_job
 
     cfg = make_cfg(
         "data=synthetic",

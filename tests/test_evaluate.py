@@ -14,11 +14,11 @@ from safetensors.torch import load_file
 
 from defectlab.datasets import SyntheticPreparer
 from defectlab.errors import ConfigError, DataError, ModelFileError
+from defectlab.jobs import run_evaluation, run_training
 from defectlab.metrics import best_f1_threshold
 from defectlab.model_file import load_model
-from defectlab.runner import run_evaluation, run_training
 
-from .test_train import FAST
+from .conftest import FAST
 
 pytestmark = pytest.mark.e2e
 
@@ -109,13 +109,13 @@ def test_poisoned_test_set_does_not_move_thresholds(make_cfg, synthetic_root, tm
     assert b["metrics"]["image_auroc"] != a["metrics"]["image_auroc"]
 
 
-def _labelled_folder(source: Path, category: str, dest: Path) -> Path:
+def _labeled_folder(source: Path, category: str, dest: Path) -> Path:
     shutil.copytree(source / category / "test", dest)
     shutil.copytree(source / category / "ground_truth", dest / "ground_truth")
     return dest
 
 
-def test_f1_val_threshold_comes_from_the_labelled_folder(make_cfg, synthetic_root, tmp_path):
+def test_f1_val_threshold_comes_from_the_labeled_folder(make_cfg, synthetic_root, tmp_path):
     extra = tmp_path / "extra"
     SyntheticPreparer(
         categories=("brick",),
@@ -125,7 +125,7 @@ def test_f1_val_threshold_comes_from_the_labelled_folder(make_cfg, synthetic_roo
         num_test_defect=3,
         seed=1,
     )(extra)
-    val_dir = _labelled_folder(extra, "brick", tmp_path / "val")
+    val_dir = _labeled_folder(extra, "brick", tmp_path / "val")
     cfg = make_cfg(
         *FAST,
         f"data.root={synthetic_root}",
@@ -138,7 +138,7 @@ def test_f1_val_threshold_comes_from_the_labelled_folder(make_cfg, synthetic_roo
     thr = results["threshold"]
     assert thr["strategy"] == "f1_val"
 
-    # Recompute: the best-F1 threshold of the labelled folder's scores, and pixel F1 on its masks.
+    # Recompute: the best-F1 threshold of the labeled folder's scores, and pixel F1 on its masks.
     system = load_model(results["model_file"]).system
     datamodule = instantiate(cfg.data)
     datamodule.setup()
@@ -158,7 +158,7 @@ def test_f1_val_threshold_comes_from_the_labelled_folder(make_cfg, synthetic_roo
 
 
 def test_f1_val_refuses_test_images_and_a_missing_folder(make_cfg, synthetic_root, tmp_path):
-    leaky = _labelled_folder(synthetic_root, "brick", tmp_path / "leaky")
+    leaky = _labeled_folder(synthetic_root, "brick", tmp_path / "leaky")
     base = [*FAST, f"data.root={synthetic_root}", "data.category=brick", "threshold=f1_val"]
     with pytest.raises(DataError, match="identical to test image"):
         run_training(make_cfg(*base, f"data.val_dir={leaky}"))

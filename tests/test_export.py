@@ -10,9 +10,10 @@ from torchvision.transforms import v2
 
 from defectlab import export
 from defectlab.components.resize import ExactResize
-from defectlab.data import image_tensor, load_image
+from defectlab.data import image_tensor
 from defectlab.errors import ConfigError, DataError, ExportError
 from defectlab.export import Artefact, export_run
+from defectlab.imageio import load_image
 from defectlab.inference import Predictor, expand_input
 
 pytestmark = pytest.mark.e2e

@@ -9,13 +9,14 @@ import torch
 from hydra.errors import HydraException
 from safetensors.torch import load_file
 
+from defectlab.build import build
 from defectlab.errors import ConfigError, DataError
+from defectlab.jobs import build_job, run_training
 from defectlab.results import write_json_atomic
-from defectlab.runner import build, build_job, run_training
 
+from .conftest import FAST
 from .test_bad_input import _copy, _damage
 from .test_sweep import _run
-from .test_train import FAST
 
 pytestmark = pytest.mark.e2e
 

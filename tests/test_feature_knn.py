@@ -9,11 +9,11 @@ from PIL import Image
 
 from defectlab.components import FeatureExtractor, NearestNeighbors
 from defectlab.errors import ConfigError
+from defectlab.jobs import run_training
 from defectlab.model_file import load_model
 from defectlab.models import FeatureKNN
-from defectlab.runner import run_training
 
-from .test_train import FAST
+from .conftest import FAST
 
 KNN_FAST = [o for o in FAST if not o.startswith("model.")]
 

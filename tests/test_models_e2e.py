@@ -7,10 +7,10 @@ import pytest
 
 from defectlab.errors import ConfigError, DataError
 from defectlab.export import export_run
+from defectlab.jobs import build_job, run_evaluation, run_training
 from defectlab.model_file import read_metadata
-from defectlab.runner import build_job, run_evaluation, run_training
 
-from .test_train import FAST
+from .conftest import FAST
 
 pytestmark = pytest.mark.e2e
 
@@ -74,7 +74,7 @@ def test_every_model_trains_tests_and_reproduces(model, make_cfg, synthetic_root
     assert exported["parity"]["verdicts_equal"]
 
 
-def test_unet_with_real_labelled_defects_reports_and_removes_them(
+def test_unet_with_real_labeled_defects_reports_and_removes_them(
     make_cfg, synthetic_root, tmp_path
 ):
     overrides = [*DATA, *MODELS["unet"], f"data.root={synthetic_root}", "data.category=grass"]
@@ -88,7 +88,7 @@ def test_unet_with_real_labelled_defects_reports_and_removes_them(
         assert sum(p["defect_type"] == defect_type for p in predictions) == 3
 
 
-def test_labelled_defects_are_refused_where_they_would_be_wrong(make_cfg, synthetic_root, tmp_path):
+def test_labeled_defects_are_refused_where_they_would_be_wrong(make_cfg, synthetic_root, tmp_path):
     base = [*DATA, f"data.root={synthetic_root}", "data.category=grass"]
     for model in ("patchcore", "cae"):  # unsupervised: defects must never enter their training
         with pytest.raises(ConfigError, match="data.labeled_anomalies"):

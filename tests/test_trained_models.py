@@ -74,6 +74,7 @@ def test_autoencoder_shapes_losses_and_scores():
         ConvAutoencoder(loss="l1")
 
 
+@pytest.mark.e2e  # trains a network: slow lane
 def test_autoencoder_learns_normal_and_flags_a_defect():
     """Trained on smooth gradients, it reconstructs them and fails on a bright square."""
     torch.manual_seed(0)
@@ -115,6 +116,7 @@ def test_unet_loss_is_balanced_bce_plus_dice():
         model(torch.rand(1, 3, 18, 18))
 
 
+@pytest.mark.e2e  # trains a network: slow lane
 def test_unet_learns_to_segment_synthetic_defects():
     """A few hundred steps on pasted scratches/blobs: it segments held-out pasted defects.
 

@@ -2,7 +2,7 @@
 
 Each defective image is described by its anomalous region: the backbone's patch embeddings
 weighted by the anomaly map (models with a feature extractor, e.g. PatchCore), plus simple region
-statistics (area, shape, position, intensity). A labelled support set of a few images per type
+statistics (area, shape, position, intensity). A labeled support set of a few images per type
 classifies the rest by nearest prototype or k nearest neighbours.
 """
 
@@ -23,7 +23,7 @@ from torchmetrics.functional.classification import (
     multiclass_f1_score,
 )
 
-from defectlab.data import scan_category, scan_labelled
+from defectlab.data import scan_category, scan_labeled
 from defectlab.errors import ConfigError, DataError
 from defectlab.inference import Predictor, expand_input
 from defectlab.model_file import locate_model, run_folder
@@ -212,7 +212,7 @@ def evaluate_splits(
 ) -> dict[str, Any]:
     """Accuracy, macro-F1 and confusion over repeated seeded splits, or leave-one-out.
 
-    ``support=N``: per repeat, N random images per type are labelled and the rest queried.
+    ``support=N``: per repeat, N random images per type are labeled and the rest queried.
     ``support="loo"``: each image is queried against all the others.
     """
     classes = len(types)
@@ -278,7 +278,7 @@ def _query_folder(folder: Path) -> tuple[list[Path], list[str] | None]:
     if not folder.is_dir():
         raise DataError(f"query_dir={folder} is not a folder")
     if any(p.is_dir() for p in folder.iterdir()):
-        samples = [s for s in scan_labelled(folder, None) if s.label == 1]
+        samples = [s for s in scan_labeled(folder, None) if s.label == 1]
         return [s.path for s in samples], [s.defect_type for s in samples]
     return expand_input(str(folder)), None
 

@@ -25,11 +25,17 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig
 from PIL import Image
 
-from defectlab.data import GOOD, images_in
+from defectlab.data import (
+    GOOD,
+    MASK_SUFFIX,
+    images_in,
+    mask_path,
+    orphan_masks,
+    split_folders,
+)
 from defectlab.errors import DataError
 from defectlab.results import write_json_atomic
 
-MASK_SUFFIX = "_mask"
 # Modes a loader converts without loss of meaning (grayscale is replicated to RGB).
 IMAGE_MODES = ("RGB", "L")
 MASK_MODES = ("L", "1", "P")
@@ -70,16 +76,15 @@ def _open(path: Path, data: bytes | None = None) -> tuple[Image.Image | None, st
         return None, "unreadable"
 
 
-def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
-
-
 def scan_category(base: Path) -> CategoryScan:
-    """Scan ``<root>/<category>`` in MVTec layout (no exception for what is wrong: it is listed)."""
+    """Scan ``<root>/<category>`` in MVTec layout (no exception for what is wrong: it is listed).
+
+    Folders, image files and mask names follow :mod:`defectlab.data.layout`, the DataModule's
+    own rules, so the report lists what a training run would see.
+    """
     scan = CategoryScan()
     hashes: dict[str, Path] = {}
-    groups = [("train", d) for d in sorted((base / "train").glob("*")) if d.is_dir()]
-    groups += [("test", d) for d in sorted((base / "test").glob("*")) if d.is_dir()]
+    groups = split_folders(base)
     if not groups:
         scan.problem("missing_layout", base, "no train/<type> or test/<type> folders")
     for split, folder in groups:
@@ -114,16 +119,21 @@ def scan_category(base: Path) -> CategoryScan:
 
 
 def _scan_masks(base: Path, scan: CategoryScan) -> None:
+    """Masks by the DataModule's rules: ``ground_truth/<type>/<image stem>_mask.png``."""
     gt = base / "ground_truth"
     if not gt.is_dir():
         return
-    for type_dir in sorted(d for d in gt.iterdir() if d.is_dir()):
-        images = {p.stem: p for p in _files(base / "test" / type_dir.name)}
-        for mask in _files(type_dir):
-            stem = mask.stem.removesuffix(MASK_SUFFIX)
-            image_path = images.get(stem)
-            if image_path is None:
-                scan.problem("orphan_mask", mask, f"no image test/{type_dir.name}/{stem}.*")
+    for mask in orphan_masks(base / "test", gt):
+        stem = mask.stem.removesuffix(MASK_SUFFIX)
+        scan.problem("orphan_mask", mask, f"no image test/{mask.parent.name}/{stem}.*")
+    for key, paths in scan.readable.items():
+        split, defect_type = key.split("/", 1)
+        if split != "test" or defect_type == GOOD:
+            continue
+        for path in paths:
+            mask = mask_path(gt, defect_type, path)
+            if not mask.is_file():
+                scan.problem("missing_mask", path, f"no ground_truth/{defect_type}/{mask.name}")
                 continue
             m, error = _open(mask)
             if error is not None:
@@ -131,20 +141,11 @@ def _scan_masks(base: Path, scan: CategoryScan) -> None:
                 continue
             if m.mode not in MASK_MODES:
                 scan.problem("wrong_mode", mask, f"mask mode {m.mode}, expected {MASK_MODES}")
-            size = scan.image_sizes.get(image_path)
+            size = scan.image_sizes.get(path)
             if size is not None and size != m.size:
                 scan.problem("wrong_size", mask, f"mask {m.size}, image {size}")
                 continue
-            scan.masks[image_path] = mask
-    for key, paths in scan.readable.items():
-        split, defect_type = key.split("/", 1)
-        if split != "test" or defect_type == GOOD:
-            continue
-        for path in paths:
-            if path not in scan.masks and not (gt / defect_type / f"{path.stem}_mask.png").exists():
-                scan.problem(
-                    "missing_mask", path, f"no ground_truth/{defect_type}/{path.stem}_mask.*"
-                )
+            scan.masks[path] = mask
 
 
 def _rgb_histograms(paths: list[Path], bins: int) -> np.ndarray:

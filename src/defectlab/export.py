@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from omegaconf import DictConfig
 from torch import nn
@@ -25,8 +24,9 @@ from torchvision.transforms import v2
 
 from defectlab.components.knn import NearestNeighbors
 from defectlab.components.resize import ExactResize
-from defectlab.data import CategoryIndex, image_tensor, load_image, scan_category
+from defectlab.data import CategoryIndex, image_tensor, preprocess_uint8, scan_category
 from defectlab.errors import ConfigError, DataError, ExportError
+from defectlab.imageio import load_image
 from defectlab.inference import Predictor
 from defectlab.model_file import locate_model, run_folder
 from defectlab.results import atomic_target
@@ -73,17 +73,7 @@ class DeployModule(nn.Module):
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """``uint8`` images -> float model input, exactly as ``data.build_transform`` does it."""
-        if self.resize is not None:
-            x = self.resize(images)
-        else:
-            # uint8 in, uint8 out: the antialiased kernel torchvision runs on uint8 CPU images.
-            size = (self.image_size, self.image_size)
-            x = F.interpolate(images, size=size, mode="bilinear", antialias=True)
-        if self.crop_size is not None:
-            # torchvision's centre-crop anchor: round((size - crop) / 2)
-            top = round((self.image_size - self.crop_size) / 2.0)
-            x = x[..., top : top + self.crop_size, top : top + self.crop_size]
-        return x.to(torch.float32).mul_(1.0 / 255)
+        return preprocess_uint8(images, self.image_size, self.crop_size, self.resize)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         for owner in self._knn_owners:

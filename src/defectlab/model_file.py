@@ -183,7 +183,7 @@ def save_model(
 
     Args:
         system: the fitted and calibrated system.
-        config: the portable run config (``runner.config_snapshot``), stored as it is.
+        config: the portable run config (``jobs.run_folder.config_snapshot``), stored as it is.
         path: target file, usually ``<run>/checkpoints/model.safetensors``.
         extra: more metadata entries (e.g. the epoch of a trained model's weights).
     """

@@ -1,6 +1,6 @@
 """Held-out calibration state: decision thresholds and score normalisation, saved with the model.
 
-Everything here is fitted on the held-out train/good slice (or a labelled validation folder),
+Everything here is fitted on the held-out train/good slice (or a labeled validation folder),
 never on test data, and lives in buffers so a checkpoint alone predicts the same labels anywhere.
 """
 

@@ -32,8 +32,8 @@ def pro_curve(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarr
     region_ids = np.zeros(masks.shape, dtype=np.int64)
     offset = 0
     for i, mask in enumerate(masks):
-        labelled, n = ndimage.label(mask, structure=CONNECTIVITY)
-        region_ids[i] = np.where(labelled > 0, labelled + offset, 0)
+        labeled, n = ndimage.label(mask, structure=CONNECTIVITY)
+        region_ids[i] = np.where(labeled > 0, labeled + offset, 0)
         offset += n
     n_regions = offset
     sizes = np.bincount(region_ids.ravel(), minlength=n_regions + 1)

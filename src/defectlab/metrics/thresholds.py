@@ -1,7 +1,7 @@
 """Decision thresholds, fitted on data the model never trained on and that is not the test set.
 
 Image thresholds come from held-out train/good scores (``percentile``, ``sigma``), a ``fixed``
-value, or the F1-best threshold on a user-supplied labelled validation folder (``f1_val``). Pixel
+value, or the F1-best threshold on a user-supplied labeled validation folder (``f1_val``). Pixel
 thresholds apply the same rule to the per-image maximum of the held-out anomaly maps: a pixel is
 defective when it exceeds what the hottest pixel of a good image typically reaches.
 """
@@ -83,11 +83,11 @@ def image_threshold(
     val_scores: torch.Tensor | None = None,
     val_labels: torch.Tensor | None = None,
 ) -> float:
-    """Image-score threshold for ``spec`` from held-out good scores or the labelled folder."""
+    """Image-score threshold for ``spec`` from held-out good scores or the labeled folder."""
     if spec.strategy == "fixed":
         return float(spec.value)
     if spec.strategy == "f1_val":
-        _require_labelled(val_labels)
+        _require_labeled(val_labels)
         return best_f1_threshold(val_scores, val_labels)[0]
     return good_threshold(good_scores, spec)
 
@@ -98,7 +98,7 @@ def pixel_threshold(
     val_maps: torch.Tensor | None = None,
     val_masks: torch.Tensor | None = None,
 ) -> float:
-    """Anomaly-map threshold: same rule on per-image map maxima, or pixel F1 on labelled masks."""
+    """Anomaly-map threshold: same rule on per-image map maxima, or pixel F1 on labeled masks."""
     if spec.strategy == "fixed":
         return float(spec.value if spec.pixel_value is None else spec.pixel_value)
     if spec.strategy == "f1_val" and val_masks is not None and bool(val_masks.any()):
@@ -106,10 +106,10 @@ def pixel_threshold(
     return good_threshold(good_map_max, spec)
 
 
-def _require_labelled(labels: torch.Tensor | None) -> None:
+def _require_labeled(labels: torch.Tensor | None) -> None:
     if labels is None or labels.numel() == 0:
         raise ConfigError(
-            "threshold=f1_val needs a labelled validation folder: set data.val_dir=<folder with "
+            "threshold=f1_val needs a labeled validation folder: set data.val_dir=<folder with "
             "good/ and <defect_type>/ sub-folders>"
         )
     if labels.min() == labels.max():

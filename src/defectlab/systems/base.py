@@ -27,7 +27,7 @@ from defectlab.models.output import AnomalyOutput, predict_in_slices
 
 # Frozen pretrained weights are rebuilt from the backbone config, so checkpoints skip them.
 FROZEN_PREFIX = "model.extractor.net."
-HELDOUT, LABELLED = 0, 1  # validation dataloader indices (see AnomalyDataModule.val_dataloader)
+HELDOUT, LABELED = 0, 1  # validation dataloader indices (see AnomalyDataModule.val_dataloader)
 VAL_SEED_STRIDE = 100_003  # seed offset between repeats of the synthetic validation defects
 COARSE_SIDE = 64  # synthetic validation maps/masks are pooled to at most this side (memory)
 
@@ -114,7 +114,7 @@ class AnomalySystem(L.LightningModule):
         store["score"].append(out.score.detach().cpu())
         store["map_max"].append(amap.flatten(1).amax(1))
         store["map_min"].append(amap.flatten(1).amin(1))
-        if dataloader_idx == LABELLED:
+        if dataloader_idx == LABELED:
             store["label"].append(batch["label"].cpu())
             if "mask" in batch:
                 store["map"].append(amap)
@@ -136,7 +136,7 @@ class AnomalySystem(L.LightningModule):
         if HELDOUT not in self._val:
             return
         good = {k: torch.cat(v) for k, v in self._val[HELDOUT].items()}
-        val = {k: torch.cat(v) for k, v in self._val.get(LABELLED, {}).items()}
+        val = {k: torch.cat(v) for k, v in self._val.get(LABELED, {}).items()}
         spec = self.threshold_spec
         img_thr = image_threshold(spec, good["score"], val.get("score"), val.get("label"))
         pix_thr = pixel_threshold(spec, good["map_max"], val.get("map"), val.get("mask"))
