@@ -33,6 +33,13 @@ class MemoryBankModel(AnomalyModel, Protocol):
 
 
 @runtime_checkable
+class TrainedModel(AnomalyModel, Protocol):
+    """Trained by gradient descent on a loss (CAE, U-Net); supervised ones also take masks."""
+
+    def loss(self, images: torch.Tensor, *args, **kwargs) -> torch.Tensor: ...
+
+
+@runtime_checkable
 class ResizableBuffers(Protocol):
     """A module whose named persistent buffers take the leading size stored in a model file.
 

@@ -6,7 +6,7 @@ from typing import Any
 from torch import nn
 
 from defectlab.errors import ConfigError
-from defectlab.models.protocols import MemoryBankModel
+from defectlab.models.protocols import MemoryBankModel, TrainedModel
 from defectlab.systems.base import AnomalySystem
 from defectlab.systems.memory_bank import MemoryBankSystem
 from defectlab.systems.trained import TrainedSystem
@@ -17,12 +17,12 @@ def build_system(
 ) -> AnomalySystem:
     """Wrap ``model`` in the system its contract calls for.
 
-    Memory-bank models (:class:`MemoryBankModel`) are fitted in one pass; trained models have
-    ``loss`` and need ``training`` (the built ``model.fit`` config: optimizer, patience, ...).
+    Memory-bank models (:class:`MemoryBankModel`) are fitted in one pass; trained models
+    (:class:`TrainedModel`) need ``training`` (the built ``model.fit`` config: optimizer, patience, ...).
     """
     if isinstance(model, MemoryBankModel):
         return MemoryBankSystem(model, **kwargs)
-    if hasattr(model, "loss"):
+    if isinstance(model, TrainedModel):
         if training is None:
             raise ConfigError(
                 f"{type(model).__name__} is trained by gradient descent: its model config needs "
