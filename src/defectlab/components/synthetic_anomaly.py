@@ -2,8 +2,10 @@
 
 No test image is ever used: the defects are made from the training images themselves (cut-paste
 from another image, CutPaste, Li et al. 2021), from smooth random blobs (DRAEM-style, Zavrtanik
-et al. 2021) and from thin line scratches. All randomness comes from a ``torch.Generator`` on the
-CPU, so a seeded generator gives the same defects on any device.
+et al. 2021), from thin line scratches, and from Perlin-noise regions (DRAEM) filled with a
+texture that is not the product (images shipped with scikit-image) or with another good image of
+the batch, rotated and shifted so that it no longer lines up. All randomness comes from a
+``torch.Generator`` on the CPU, so a seeded generator gives the same defects on any device.
 """
 
 from __future__ import annotations
@@ -15,9 +17,44 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from defectlab.components.perlin import perlin_mask
 from defectlab.errors import ConfigError
 
-KINDS = ("cutpaste", "blob", "scratch")
+KINDS = ("cutpaste", "blob", "scratch", "perlin_texture", "perlin_self")
+CLASSIC_KINDS = KINDS[:3]  # the default draws, unchanged since val_synthetic_auroc was introduced
+# Images shipped inside scikit-image (no download) with enough texture to fill a defect: the
+# DRAEM paper fills from DTD, which is not available offline.
+TEXTURES = (
+    "brick",
+    "grass",
+    "gravel",
+    "camera",
+    "coffee",
+    "astronaut",
+    "chelsea",
+    "coins",
+    "moon",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "cell",
+    "text",
+    "clock",
+)
+
+
+def load_textures(names: Sequence[str]) -> list[torch.Tensor]:
+    """scikit-image's bundled images ``names`` as float ``(3, H, W)`` tensors in [0, 1]."""
+    from skimage import data
+    from skimage.util import img_as_float32
+
+    out = []
+    for name in names:
+        image = torch.from_numpy(img_as_float32(getattr(data, name)()))
+        image = image.unsqueeze(-1).expand(*image.shape, 3) if image.ndim == 2 else image[..., :3]
+        out.append(image.permute(2, 0, 1).contiguous())
+    return out
 
 
 def _uniform(g: torch.Generator, low: float, high: float) -> float:
@@ -32,20 +69,31 @@ class SyntheticAnomalies(nn.Module):
     """Paste one random synthetic defect onto each image with probability ``probability``.
 
     Args:
-        kinds: defect kinds to draw from (``cutpaste``, ``blob``, ``scratch``).
+        kinds: defect kinds to draw from (``cutpaste``, ``blob``, ``scratch``,
+            ``perlin_texture``, ``perlin_self``).
         probability: share of images that get a defect; the rest teach the model what normal is.
-        min_area: smallest defect area (cut-paste, blob) as a fraction of the image.
+        min_area: smallest defect area (all but scratches) as a fraction of the image.
         max_area: largest defect area as a fraction of the image.
         seed: seeds the generator used during training (validation uses its own fixed ones).
+        textures: scikit-image images that ``perlin_texture`` fills from.
+        exclude_textures: names left out of ``textures``, e.g. the product's own category when it
+            is one of them (data.category): a defect must not look like the product.
+        max_cells: finest Perlin lattice (cells per side) of the ``perlin_*`` masks.
+        min_opacity: smallest weight of the fill against the image inside a ``perlin_*`` mask
+            (DRAEM blends with weight U(0.2, 1)); faint defects teach small differences.
     """
 
     def __init__(
         self,
-        kinds: Sequence[str] = KINDS,
+        kinds: Sequence[str] = CLASSIC_KINDS,
         probability: float = 0.5,
         min_area: float = 0.005,
         max_area: float = 0.05,
         seed: int = 0,
+        textures: Sequence[str] = TEXTURES,
+        exclude_textures: Sequence[str] = (),
+        max_cells: int = 16,
+        min_opacity: float = 0.2,
     ) -> None:
         super().__init__()
         unknown = [k for k in kinds if k not in KINDS]
@@ -57,12 +105,36 @@ class SyntheticAnomalies(nn.Module):
             raise ConfigError(
                 f"anomalies.min_area={min_area}, max_area={max_area}: need 0 < min <= max < 1"
             )
+        unknown = [t for t in textures if t not in TEXTURES]
+        if unknown:
+            raise ConfigError(
+                f"anomalies.textures: {unknown} unknown; choose from {list(TEXTURES)}"
+            )
+        self.texture_names = [t for t in textures if t not in set(exclude_textures)]
+        if "perlin_texture" in kinds and not self.texture_names:
+            raise ConfigError(
+                "anomalies.kinds has perlin_texture but no texture is left after "
+                f"anomalies.exclude_textures={list(exclude_textures)}: add anomalies.textures"
+            )
+        if max_cells < 2:
+            raise ConfigError(f"anomalies.max_cells must be >= 2, got {max_cells}")
+        if not 0 < min_opacity <= 1:
+            raise ConfigError(f"anomalies.min_opacity must be in (0, 1], got {min_opacity}")
         self.kinds = list(kinds)
         self.probability = probability
         self.min_area = min_area
         self.max_area = max_area
         self.seed = seed
+        self.max_cells = max_cells
+        self.min_opacity = min_opacity
         self.generator = torch.Generator().manual_seed(seed)
+        self._textures: list[torch.Tensor] | None = None  # loaded on first use
+
+    @property
+    def textures(self) -> list[torch.Tensor]:
+        if self._textures is None:
+            self._textures = load_textures(self.texture_names)
+        return self._textures
 
     def forward(
         self, images: torch.Tensor, generator: torch.Generator | None = None
@@ -134,3 +206,42 @@ class SyntheticAnomalies(nn.Module):
         level = _uniform(g, 0.85, 1.0) if _randint(g, 2) else _uniform(g, 0.0, 0.15)
         content = torch.full_like(images[i], level)
         return mask, content
+
+    def _perlin_fill(
+        self, image: torch.Tensor, fill: torch.Tensor, g: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # DRAEM: inside a Perlin mask the image becomes (1 - beta) * image + beta * fill.
+        _, h, w = image.shape
+        area = _uniform(g, self.min_area, self.max_area)
+        mask = perlin_mask(h, w, area, g, min_cells=2, max_cells=self.max_cells).to(image.device)
+        if bool((image[0] == image[1]).all() and (image[1] == image[2]).all()):
+            fill = fill.mean(dim=0, keepdim=True).expand_as(fill)  # grayscale product
+        beta = _uniform(g, self.min_opacity, 1.0)
+        return mask, ((1 - beta) * image + beta * fill).clamp(0, 1)
+
+    def _perlin_texture(self, images: torch.Tensor, i: int, g: torch.Generator):
+        # A random crop of a foreign texture, randomly rotated, flipped and re-lit.
+        _, _, h, w = images.shape
+        texture = self.textures[_randint(g, len(self.textures))]
+        th, tw = texture.shape[-2:]
+        side = round(_uniform(g, 0.25, 1.0) * min(th, tw))
+        y, x = _randint(g, th - side + 1), _randint(g, tw - side + 1)
+        crop = texture[None, :, y : y + side, x : x + side]
+        crop = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)[0]
+        crop = torch.rot90(crop, _randint(g, 4), dims=(1, 2))
+        if _randint(g, 2):
+            crop = crop.flip(-1)
+        gain, offset = _uniform(g, 0.5, 1.5), _uniform(g, -0.3, 0.3)
+        fill = (crop.to(images.device) * gain + offset).clamp(0, 1)
+        return self._perlin_fill(images[i], fill, g)
+
+    def _perlin_self(self, images: torch.Tensor, i: int, g: torch.Generator):
+        # Another good image of the batch, turned by 90/180/270 degrees (or mirrored) and shifted:
+        # the product's own materials in a place and orientation where they do not belong.
+        b, _, h, w = images.shape
+        source = images[(i + 1 + _randint(g, b - 1)) % b] if b > 1 else images[i]
+        k = 1 + _randint(g, 3)
+        fill = torch.rot90(source, k, dims=(1, 2)) if h == w else source.flip(-1)
+        fill = torch.roll(fill, shifts=(_randint(g, h), _randint(g, w)), dims=(1, 2))
+        fill = (fill * _uniform(g, 0.6, 1.4)).clamp(0, 1)
+        return self._perlin_fill(images[i], fill, g)
