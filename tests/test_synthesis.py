@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from defectlab.components import SyntheticAnomalies
+from defectlab.components import PixelStatistics, SyntheticAnomalies
 from defectlab.components.feature_anomaly import FeatureNoise
 from defectlab.components.perlin import perlin_mask, perlin_noise
 from defectlab.components.synthetic_anomaly import TEXTURES, load_textures
@@ -100,3 +100,25 @@ def test_feature_noise_perturbs_only_inside_the_mask():
     assert torch.equal(again[0], same[0])
     with pytest.raises(ConfigError, match="feature_noise.std"):
         FeatureNoise(std=0)
+
+
+def test_pixel_statistics_z_scores_per_position_and_resize_on_load():
+    torch.manual_seed(0)
+    maps = torch.rand(50, 1, 8, 6) * torch.linspace(1, 3, 6) + torch.arange(8.0).view(8, 1)
+    stats = PixelStatistics(eps=0.1)
+    assert torch.equal(stats(maps[:2]), maps[:2])  # not fitted: unchanged
+    stats.reset()
+    for part in maps.split(16):
+        stats.update(part)
+    stats.finish()
+    assert torch.allclose(stats.mean, maps.mean(0, keepdim=True), atol=1e-5)
+    assert torch.allclose(stats.std, maps.std(0, keepdim=True), atol=1e-5)
+    z = stats(maps)
+    assert z.mean(0).abs().max() < 1e-4  # every position centred on its own mean
+    fresh = PixelStatistics()
+    fresh.load_state_dict(stats.state_dict())  # buffers take the checkpoint's map size
+    assert torch.equal(fresh(maps), z)
+    with pytest.raises(ConfigError, match="data.image_size"):
+        stats(torch.rand(1, 1, 4, 4))
+    with pytest.raises(ConfigError, match="at least 2"):
+        stats.finish()

@@ -10,7 +10,9 @@ from defectlab.components.backbone import (
 from defectlab.components.bank_buffer import EmbeddingBuffer
 from defectlab.components.calibration import Calibration
 from defectlab.components.embedding import Embedder, NativeEmbedder, PatchEmbedder
+from defectlab.components.feature_anomaly import FeatureNoise
 from defectlab.components.knn import NearestNeighbors, resize_bank_for_load
+from defectlab.components.pixel_statistics import PixelStatistics
 from defectlab.components.sampler import (
     CoresetSampler,
     IdentitySampler,
@@ -28,11 +30,13 @@ __all__ = [
     "Embedder",
     "EmbeddingBuffer",
     "FeatureExtractor",
+    "FeatureNoise",
     "IdentitySampler",
     "MapScore",
     "NativeEmbedder",
     "NearestNeighbors",
     "PatchEmbedder",
+    "PixelStatistics",
     "RandomSampler",
     "Sampler",
     "SyntheticAnomalies",

@@ -1,0 +1,81 @@
+"""Per-pixel statistics of good images' anomaly maps, to turn raw maps into per-position z-scores.
+
+On aligned products (solar cells, PCBs, bottles seen from above) some positions are hard for
+every good image too: a reconstruction model errs at the cut corners and busbars of every cell.
+Dividing each position's error by its spread over good images (after subtracting its mean) makes
+an anomaly a deviation from what is usual *at that place*. On unaligned textures the statistics
+are nearly flat, and the map is only shifted and scaled.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from defectlab.errors import ConfigError
+
+
+class PixelStatistics(nn.Module):
+    """Running per-pixel mean and standard deviation of maps ``(B, 1, H, W)``; z-scores maps.
+
+    Fitted by :meth:`reset`, :meth:`update` over good images, :meth:`finish`. The buffers take
+    the map size of the data and resize on load, so a checkpoint restores them.
+
+    Args:
+        eps: added to the per-pixel std as a share of its mean over the map, so that positions
+            that never vary (image borders) do not blow up the z-score.
+    """
+
+    def __init__(self, eps: float = 0.1) -> None:
+        super().__init__()
+        if eps <= 0:
+            raise ConfigError(f"model.pixel_statistics.eps must be > 0, got {eps}")
+        self.eps = eps
+        self.register_buffer("mean", torch.zeros(0))
+        self.register_buffer("std", torch.zeros(0))
+        self._sums: list[torch.Tensor] | None = None
+        self._count = 0
+
+    @property
+    def fitted(self) -> bool:
+        return self.mean.numel() > 0
+
+    def reset(self) -> None:
+        self._sums, self._count = None, 0
+
+    def update(self, maps: torch.Tensor) -> None:
+        """Add good images' maps ``(B, 1, H, W)`` (float64 sums: stable over thousands)."""
+        maps = maps.detach().double()
+        sums = [maps.sum(0, keepdim=True), maps.pow(2).sum(0, keepdim=True)]
+        self._sums = (
+            sums if self._sums is None else [a + b for a, b in zip(self._sums, sums, strict=True)]
+        )
+        self._count += len(maps)
+
+    def finish(self) -> None:
+        """Set mean and std from the maps added since :meth:`reset`."""
+        if self._sums is None or self._count < 2:
+            raise ConfigError("per-pixel map statistics need at least 2 good training images")
+        total, squares = self._sums
+        mean = total / self._count
+        var = (squares / self._count - mean.pow(2)).clamp(min=0) * self._count / (self._count - 1)
+        self.mean = mean.float().clone()
+        self.std = var.sqrt().float().clone()
+        self.reset()
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        """Z-scores of maps ``(B, 1, H, W)``; maps pass unchanged until fitted."""
+        if not self.fitted:
+            return maps
+        if self.mean.shape[-2:] != maps.shape[-2:]:
+            raise ConfigError(
+                f"per-pixel map statistics are {tuple(self.mean.shape[-2:])} but the map is "
+                f"{tuple(maps.shape[-2:])}: evaluate at the data.image_size the model was trained at"
+            )
+        return (maps - self.mean) / (self.std + self.eps * self.std.mean())
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        for name in ("mean", "std"):
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
