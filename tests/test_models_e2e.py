@@ -25,7 +25,7 @@ MODELS = {
     ],
     "feature_knn": ["model=feature_knn"],
     "cae": ["model=cae", "model.latent_dim=4", *TRAINED],
-    "unet": ["model=unet", *TRAINED],
+    "unet": ["model=unet", "model.decoder_channels=8", *TRAINED],
 }
 
 
@@ -43,9 +43,7 @@ def test_every_model_trains_tests_and_reproduces(model, make_cfg, synthetic_root
     for key in ("pixel_auroc", "pixel_aupro", "pixel_f1"):
         assert (metrics[key] is not None) is localizes, key
     assert results["counts"]["test"] == 8 + 3 * 4
-    assert results["backbone"] == (
-        "efficientnet_lite0" if model in ("patchcore", "feature_knn") else None
-    )
+    assert results["backbone"] == (None if model == "cae" else "efficientnet_lite0")
     assert (run / "checkpoints" / "model.safetensors").is_file()
     assert len(list((run / "images" / "brick" / "hole").glob("*.png"))) == 1
     assert json.loads((run / "results.json").read_text())["metrics"] == metrics
@@ -114,9 +112,10 @@ def test_trained_models_need_a_held_out_slice(make_cfg, tmp_path):
 def test_presets_and_vit_compose(make_cfg):
     cae = make_cfg("experiment=cae_fast")
     assert (cae.model_name, cae.data.image_size, cae.trainer.max_epochs) == ("cae", 128, 30)
-    unet = make_cfg("experiment=unet_fast", "data=synthetic")
+    unet = make_cfg("experiment=unet_fast", "data=synthetic", "data.category=grass")
     assert unet.model_name == "unet" and unet.model.fit.anomalies.kinds
-    assert unet.data.image_size == 128 and unet.data.root.endswith("synthetic")
+    assert unet.data.root.endswith("synthetic")
+    assert unet.model.fit.anomalies.exclude_textures == ["grass"]  # never the product's texture
     assert make_cfg().trainer.max_epochs == 1  # memory banks: one pass
     vit = make_cfg("backbone=vit_base_patch16_224", "model=feature_knn", "model.pooling=cls")
     assert vit.model.extractor.kwargs.dynamic_img_size is True

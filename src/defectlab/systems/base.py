@@ -293,9 +293,13 @@ class AnomalySystem(L.LightningModule):
         }
 
     def _frozen_prefixes(self) -> list[str]:
-        # Pretrained weights are rebuilt from the config on load; a random init cannot be, so
-        # its weights stay in the checkpoint.
-        return [f"{prefix}net." for prefix, ext in self._extractors().items() if ext.pretrained]
+        # Pretrained frozen weights are rebuilt from the config on load; a random init or
+        # fine-tuned weights (U-Net, model.finetune=true) cannot be, so they stay in the checkpoint.
+        return [
+            f"{prefix}net."
+            for prefix, ext in self._extractors().items()
+            if ext.pretrained and not any(p.requires_grad for p in ext.parameters())
+        ]
 
     def _backbone_id(self) -> dict | None:
         ids = {

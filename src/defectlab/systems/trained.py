@@ -34,7 +34,8 @@ class TrainedSystem(AnomalySystem):
         optimizer: ``params -> torch.optim.Optimizer`` (a Hydra partial).
         patience: validation epochs without improvement before stopping.
         min_delta: smallest decrease of the held-out loss that counts as improvement.
-        anomalies: synthetic defect generator (required for supervised models).
+        anomalies: synthetic defect generator (supervised models need it unless they synthesise
+            their own, e.g. the U-Net's ``feature_noise``).
         **kwargs: see :class:`AnomalySystem`.
     """
 
@@ -50,9 +51,10 @@ class TrainedSystem(AnomalySystem):
         super().__init__(model, **kwargs)
         if patience < 1:
             raise ConfigError(f"model.fit.patience must be >= 1, got {patience}")
-        if self.supervised and anomalies is None:
+        if self.supervised and anomalies is None and getattr(model, "feature_noise", None) is None:
             raise ConfigError(
-                f"{type(model).__name__} is supervised: set model.fit.anomalies (synthetic defects)"
+                f"{type(model).__name__} is supervised: set model.fit.anomalies (synthetic "
+                "defects) or model.feature_noise"
             )
         self.optimizer_factory = optimizer
         self.patience = patience
@@ -76,7 +78,10 @@ class TrainedSystem(AnomalySystem):
             good = (batch["label"] == 0).view(-1, 1, 1, 1)  # real defects keep their own mask
             images = torch.where(good, pasted, images)
             masks = torch.where(good, torch.maximum(masks, new), masks)
-        return self.model.loss(images, masks)
+        if generator is None:
+            return self.model.loss(images, masks)
+        # Models that synthesise defects themselves (feature noise) draw them from it too.
+        return self.model.loss(images, masks, generator=generator)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
@@ -88,8 +93,9 @@ class TrainedSystem(AnomalySystem):
         if dataloader_idx != HELDOUT:
             return
         generator = None
-        if self.anomalies is not None:
-            generator = torch.Generator().manual_seed(self.anomalies.seed + 1 + batch_idx)
+        if self.supervised:
+            seed = 0 if self.anomalies is None else self.anomalies.seed
+            generator = torch.Generator().manual_seed(seed + 1 + batch_idx)
         loss = self._loss(batch, generator)
         self._val_loss[0] += float(loss) * len(batch["image"])
         self._val_loss[1] += len(batch["image"])
@@ -105,6 +111,23 @@ class TrainedSystem(AnomalySystem):
     def on_validation_epoch_start(self) -> None:
         super().on_validation_epoch_start()
         self._val_loss = [0.0, 0]
+        statistics = getattr(self.model, "pixel_statistics", None)
+        if statistics is not None and self.trainer.state.fn == "fit":
+            self._fit_pixel_statistics(statistics)
+
+    @torch.no_grad()
+    def _fit_pixel_statistics(self, statistics: nn.Module) -> None:
+        """Per-pixel map statistics of this epoch's weights over the good training images.
+
+        Refitted before every validation epoch, so the held-out calibration and the best-epoch
+        checkpoint use the statistics of their own weights.
+        """
+        statistics.reset()
+        for batch in self.trainer.datamodule.train_dataloader():
+            good = batch["label"] == 0  # real labelled defects (U-Net) are not normal
+            if good.any():
+                statistics.update(self.model.raw_map(batch["image"][good].to(self.device)))
+        statistics.finish()
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
@@ -125,7 +148,8 @@ class TrainedSystem(AnomalySystem):
         }
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer_factory(self.model.parameters())
+        # Frozen encoder weights have no gradient: leave them out of the optimiser's state.
+        return self.optimizer_factory(p for p in self.model.parameters() if p.requires_grad)
 
     def configure_callbacks(self) -> list[Callback]:
         """Early stopping and best-epoch checkpointing on the held-out loss (while fitting)."""
