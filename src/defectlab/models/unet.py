@@ -79,6 +79,12 @@ class UNet(nn.Module):
             )
         if max_pos_weight < 1:
             raise ConfigError(f"model.max_pos_weight must be >= 1, got {max_pos_weight}")
+        if extractor is not None and not isinstance(extractor, FeatureExtractor):
+            raise ConfigError(
+                f"model=unet needs one backbone as its encoder, got {type(extractor).__name__}: "
+                "choose backbone=efficientnet_lite0|efficientnet_lite1|mobilenet_v2|... "
+                "(not backbone=ensemble), or model.extractor=null to train from scratch"
+            )
         if feature_noise is not None and extractor is None:
             raise ConfigError(
                 "model.feature_noise perturbs pretrained features: set model.extractor "
