@@ -154,7 +154,7 @@ def _backbones(system: AnomalySystem) -> list[dict[str, Any]]:
             "pretrained": module.pretrained,
             "weights": module.weights,
             "origin": module.weights_origin,
-            "stored_in_file": not module.pretrained,
+            "stored_in_file": not module.frozen,
             "mean": module.mean.flatten().tolist(),
             "std": module.std.flatten().tolist(),
             "sha256": module.weights_sha256(),
@@ -289,8 +289,9 @@ def _check_backbones(
 ) -> None:
     """BackboneWeightsError unless each FeatureExtractor's weights hash to the recorded value.
 
-    ``stored=False`` checks the pretrained backbones rebuilt from the config (before the tensors
-    are read), ``stored=True`` the random initialisations loaded from the file.
+    ``stored=False`` checks the frozen pretrained backbones rebuilt from the config (before the
+    tensors are read), ``stored=True`` the random initialisations and fine-tuned weights loaded
+    from the file.
     """
     built = {name: m for name, m in system.named_modules() if isinstance(m, FeatureExtractor)}
     by_module = {b.get("module"): b for b in recorded}
@@ -301,7 +302,7 @@ def _check_backbones(
         )
     for name, module in built.items():
         entry = by_module[name]
-        if module.pretrained == stored:
+        if module.frozen == stored:
             continue
         found = module.weights_sha256()
         if found != entry.get("sha256"):

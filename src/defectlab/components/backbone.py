@@ -155,6 +155,7 @@ class FeatureExtractor(nn.Module):
         self.net = self._build(pretrained, weights)
         self.net.requires_grad_(False)
         self.net.eval()
+        self.trainable = False  # set by fine_tune(); frozen weights are rebuilt, not stored
         self.channels: list[int] = list(self.net.feature_info.channels())
         self.reductions: list[int] = list(self.net.feature_info.reduction())
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
@@ -217,6 +218,21 @@ class FeatureExtractor(nn.Module):
     def input_multiple(self) -> int:
         """Image sides must be multiples of this: the deepest configured layer's stride."""
         return max(self.reductions)
+
+    def fine_tune(self) -> FeatureExtractor:
+        """Make the weights trainable (BatchNorm statistics stay frozen: see :meth:`train`).
+
+        A fine-tuned backbone's weights can no longer be rebuilt from its config, so model files
+        store them (:func:`frozen_weight_keys` leaves them out of its list).
+        """
+        self.trainable = True
+        self.net.requires_grad_(True)
+        return self
+
+    @property
+    def frozen(self) -> bool:
+        """True when the config rebuilds these exact weights: pretrained and not fine-tuned."""
+        return self.pretrained and not self.trainable
 
     @property
     def weights_origin(self) -> str:
@@ -311,12 +327,13 @@ def frozen_weight_keys(module: nn.Module) -> list[str]:
     """State-dict keys of ``module`` that hold frozen pretrained backbone weights.
 
     Every :class:`FeatureExtractor` inside ``module`` is found by type (a model may hold several),
-    so saved models skip exactly the weights its config rebuilds. A random initialisation cannot
-    be rebuilt: its weights are not listed and travel with the model.
+    so saved models skip exactly the weights its config rebuilds. A random initialisation or
+    fine-tuned weights (:meth:`FeatureExtractor.fine_tune`) cannot be rebuilt: their keys are not
+    listed and travel with the model.
     """
     keys = []
     for name, sub in module.named_modules():
-        if isinstance(sub, FeatureExtractor) and sub.pretrained:
+        if isinstance(sub, FeatureExtractor) and sub.frozen:
             prefix = f"{name}.net." if name else "net."
             keys += [prefix + k for k in sub.net.state_dict()]
     return keys

@@ -103,7 +103,8 @@ class UNet(nn.Module):
             skips, outs = widths, widths
         else:
             self.extractor = extractor
-            extractor.requires_grad_(finetune)
+            if finetune:
+                extractor.fine_tune()  # its weights then travel in the model file
             skips = list(extractor.channels)
             # Per-channel standardisation (running statistics): the noise std of feature_noise is
             # in these units, and the decoder sees inputs of one scale whatever the backbone.

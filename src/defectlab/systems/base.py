@@ -298,7 +298,7 @@ class AnomalySystem(L.LightningModule):
         return [
             f"{prefix}net."
             for prefix, ext in self._extractors().items()
-            if ext.pretrained and not any(p.requires_grad for p in ext.parameters())
+            if ext.frozen
         ]
 
     def _backbone_id(self) -> dict | None:
