@@ -295,11 +295,7 @@ class AnomalySystem(L.LightningModule):
     def _frozen_prefixes(self) -> list[str]:
         # Pretrained frozen weights are rebuilt from the config on load; a random init or
         # fine-tuned weights (U-Net, model.finetune=true) cannot be, so they stay in the checkpoint.
-        return [
-            f"{prefix}net."
-            for prefix, ext in self._extractors().items()
-            if ext.frozen
-        ]
+        return [f"{prefix}net." for prefix, ext in self._extractors().items() if ext.frozen]
 
     def _backbone_id(self) -> dict | None:
         ids = {
