@@ -229,13 +229,15 @@ def test_unet_feature_noise_targets_only_clean_images():
         UNet(feature_noise=noise)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_pretrained_unet_learns_feature_noise_and_finds_an_unseen_defect(seed):
+def test_pretrained_unet_learns_feature_noise_and_finds_an_unseen_defect():
     """Frozen ImageNet lite0 + decoder, trained only on feature noise over smooth good images,
     flags dark spots it never saw (a stand-in for real defects) above the good images.
 
-    Over seeds 0-11 the smallest margin (worst defect score minus best good score) was M.
+    Over seeds 0-11 the margin (worst defect score minus best good score) was 0.060-0.243 (seed 0:
+    0.206), so the strict ordering asserted here does not sit on its bar; one seed keeps CI short
+    (about 12 s on 1 core).
     """
+    seed = 0
     torch.manual_seed(seed)
     base = torch.rand(1, 1, 4, 4).repeat(12, 3, 1, 1) * 0.3 + 0.4
     good = F.interpolate(base, size=(64, 64), mode="bilinear") + 0.02 * torch.randn(12, 3, 64, 64)
