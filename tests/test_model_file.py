@@ -302,3 +302,34 @@ def test_unet_encoder_weights_stored_when_fine_tuned_and_rebuilt_when_frozen(
         )
         with pytest.raises(BackboneWeightsError, match="SHA-256"):
             load_model(altered)
+
+
+def test_cae_pixel_statistics_travel_in_the_model_file(make_cfg, synthetic_root, tmp_path):
+    from defectlab.build import build_run_system
+    from defectlab.runner import config_snapshot
+
+    from .test_train import FAST
+
+    cfg = make_cfg(
+        *FAST,
+        "experiment=cae_fast",
+        "data.image_size=96",
+        "model.channels=4",
+        f"data.root={synthetic_root}",
+        "data.category=brick",
+    )
+    system = build_run_system(cfg)
+    stats = system.model.pixel_statistics
+    images = torch.rand(4, 3, 96, 96)
+    stats.update(system.model.raw_map(images) * torch.rand(4, 1, 96, 96))
+    stats.finish()
+    path = tmp_path / "cae" / MODEL_FILE
+    meta = save_model(system, config_snapshot(cfg), path)
+    assert {"model.pixel_statistics.mean", "model.pixel_statistics.std"} <= set(
+        meta["tensors"]["resizable"]
+    )
+    loaded = load_model(path).system.model
+    assert loaded.pixel_statistics.size.tolist() == [96, 96]
+    assert torch.equal(loaded.pixel_statistics.std, stats.std)
+    system.model.eval()
+    assert torch.equal(loaded.predict(images).score, system.model.predict(images).score)

@@ -18,13 +18,17 @@ from defectlab.errors import ConfigError
 class PixelStatistics(nn.Module):
     """Running per-pixel mean and standard deviation of maps ``(B, 1, H, W)``; z-scores maps.
 
-    Fitted by :meth:`reset`, :meth:`update` over good images, :meth:`finish`. The buffers take
-    the map size of the data and resize on load, so a checkpoint restores them.
+    Fitted by :meth:`reset`, :meth:`update` over good images, :meth:`finish`. ``mean`` and
+    ``std`` are stored flat ``(H * W,)`` beside ``size = (H, W)``: the map size is only known from
+    the data, and a flat buffer is one the model file may resize on load (``ResizableBuffers``:
+    leading dimension only), so a model file restores them.
 
     Args:
         eps: added to the per-pixel std as a share of its mean over the map, so that positions
             that never vary (image borders) do not blow up the z-score.
     """
+
+    resizable_buffers: tuple[str, ...] = ("mean", "std")  # models.protocols.ResizableBuffers
 
     def __init__(self, eps: float = 0.1) -> None:
         super().__init__()
@@ -33,6 +37,7 @@ class PixelStatistics(nn.Module):
         self.eps = eps
         self.register_buffer("mean", torch.zeros(0))
         self.register_buffer("std", torch.zeros(0))
+        self.register_buffer("size", torch.zeros(2, dtype=torch.long))
         self._sums: list[torch.Tensor] | None = None
         self._count = 0
 
@@ -59,20 +64,23 @@ class PixelStatistics(nn.Module):
         total, squares = self._sums
         mean = total / self._count
         var = (squares / self._count - mean.pow(2)).clamp(min=0) * self._count / (self._count - 1)
-        self.mean = mean.float().clone()
-        self.std = var.sqrt().float().clone()
+        self.mean = mean.float().flatten().clone()
+        self.std = var.sqrt().float().flatten().clone()
+        self.size = torch.tensor(mean.shape[-2:], dtype=torch.long, device=self.size.device)
         self.reset()
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         """Z-scores of maps ``(B, 1, H, W)``; maps pass unchanged until fitted."""
         if not self.fitted:
             return maps
-        if self.mean.shape[-2:] != maps.shape[-2:]:
+        size = tuple(int(v) for v in self.size)
+        if size != tuple(maps.shape[-2:]):
             raise ConfigError(
-                f"per-pixel map statistics are {tuple(self.mean.shape[-2:])} but the map is "
+                f"per-pixel map statistics are {size} but the map is "
                 f"{tuple(maps.shape[-2:])}: evaluate at the data.image_size the model was trained at"
             )
-        return (maps - self.mean) / (self.std + self.eps * self.std.mean())
+        mean, std = self.mean.view(1, 1, *size), self.std.view(1, 1, *size)
+        return (maps - mean) / (std + self.eps * std.mean())
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
         for name in ("mean", "std"):
