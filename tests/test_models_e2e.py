@@ -45,6 +45,9 @@ def test_every_model_trains_tests_and_reproduces(model, make_cfg, synthetic_root
     assert results["counts"]["test"] == 8 + 3 * 4
     assert results["backbone"] == (None if model == "cae" else "efficientnet_lite0")
     assert (run / "checkpoints" / "model.safetensors").is_file()
+    if model == "unet":  # its frozen pretrained encoder is rebuilt from the config, not stored
+        meta = read_metadata(run / "checkpoints" / "model.safetensors")
+        assert [b["stored_in_file"] for b in meta["backbones"]] == [False]
     assert len(list((run / "images" / "brick" / "hole").glob("*.png"))) == 1
     assert json.loads((run / "results.json").read_text())["metrics"] == metrics
 
