@@ -30,6 +30,7 @@ from hydra.utils import instantiate
 from scipy.stats import spearmanr
 
 from defectlab.components import SyntheticAnomalies
+from defectlab.errors import DefectlabError
 from defectlab.model_file import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,7 +191,10 @@ def main() -> None:
     elif args.job == "score":
         for name, ds, run_dir in finished(args.out):
             if name in args.variants.split(",") and ds in args.data.split(","):
-                print(name, ds, score(run_dir, args.generator, args.repeats), flush=True)
+                try:
+                    print(name, ds, score(run_dir, args.generator, args.repeats), flush=True)
+                except DefectlabError as err:  # e.g. an old run without a model file: say so
+                    print(name, ds, "not scored:", err, flush=True)
     else:
         table(args.out, f"{args.generator}_x{args.repeats}")
 
