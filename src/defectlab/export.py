@@ -63,13 +63,14 @@ class DeployModule(nn.Module):
         # Held as a plain attribute, not a submodule: its thresholds and statistics become
         # constants of the graph, which is what a frozen artefact should carry.
         self.__dict__["calibration"] = predictor.system.calibration
-        # faiss indexes cannot live in a graph; the exact torch search can, in one block
-        # (a chunk loop would bake the batch size in).
+        # faiss indexes cannot live in a graph, nor can the blockwise search's data-dependent
+        # candidate sets; exact float32 search in one block can (a chunk loop would bake the
+        # batch size in).
         self._knn_owners = [
             m for m in self.model.modules() if isinstance(getattr(m, "knn", None), NearestNeighbors)
         ]
         for owner in self._knn_owners:
-            owner.knn = NearestNeighbors("torch", chunk_size=None)
+            owner.knn = NearestNeighbors("exact", traceable=True)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """``uint8`` images -> float model input, exactly as ``data.build_transform`` does it."""
@@ -330,7 +331,7 @@ def export_run(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir) if cfg.out_dir else run_folder(path) / "export"
     target = out_dir / f"model{FORMATS[cfg.format]}"
     predictor = Predictor.from_model(path, "cpu")
-    # A second copy to export: DeployModule swaps in the torch kNN, the reference keeps faiss.
+    # A second copy to export: DeployModule swaps in the traceable search, the reference keeps its own.
     index = run_data(predictor.run_config)
     input_size = _input_size(cfg, predictor.run_config, index)
     module = DeployModule(Predictor.from_model(path, "cpu"), input_size).eval()

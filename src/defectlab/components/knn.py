@@ -1,4 +1,4 @@
-"""Nearest-neighbour search over a memory bank: exact faiss on CPU, torch on GPU, faiss IVF/HNSW."""
+"""Nearest-neighbour search over a memory bank: exact blockwise search, or approximate faiss IVF/HNSW."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from defectlab.components.exact_search import ExactSearch
 from defectlab.errors import ConfigError
 
-try:  # faiss is a dependency, but the torch path keeps working without it
+try:  # faiss is a dependency, but exact search works without it
     import faiss
 except ImportError:  # pragma: no cover - exercised only where faiss is missing
     faiss = None
@@ -20,15 +21,18 @@ class NearestNeighbors:
     """Euclidean k-nearest-neighbour search.
 
     Args:
-        backend: ``faiss`` (exact flat L2 search, on the bank's own memory), ``torch`` (exact,
-            chunked matrix products; used on GPU), ``auto`` (faiss for CPU tensors when
-            installed, torch otherwise), or the
-            approximate faiss indexes for very large banks: ``ivf`` (inverted lists: k-means
-            cells, ``nprobe`` of ``nlist`` searched) and ``hnsw`` (graph, ``hnsw_m`` links per node,
-            ``ef_search`` candidates per query). Approximate indexes may miss the true nearest
-            neighbour, which can only raise a distance (README: measured AUROC cost).
-        chunk_size: queries per block on the torch path (bounds the distance-matrix memory);
-            None = one block (exported graphs: a data-dependent loop would not trace).
+        backend: ``exact`` (:class:`ExactSearch`: blockwise matrix products, low precision
+            certified by an error bound; CPU and CUDA; the results of a float64 brute force), or
+            the approximate faiss indexes, ``ivf`` (inverted lists: k-means cells, ``nprobe`` of
+            ``nlist`` searched) and ``hnsw`` (graph, ``hnsw_m`` links per node, ``ef_search``
+            candidates per query). Approximate indexes may miss the true nearest neighbour, which
+            can only raise a distance (docs/benchmarks/search.md: where they are faster, and
+            their cost). ``auto``, ``torch`` and ``faiss`` are read as ``exact`` (runs saved
+            before it existed).
+        precision: ``exact``: ``auto`` (bfloat16 on CPU / float16 on CUDA where measured faster
+            than float32, once per process), ``float32``, ``bfloat16`` or ``float16``. Speed only.
+        block_rows: ``exact``: bank rows per matrix product (None = sized to the L2 caches).
+        query_rows: ``exact``: queries per chunk (None = sized to the bank).
         nlist: ``ivf`` cells (0 = 4 * sqrt(bank size), faiss's rule of thumb).
         nprobe: ``ivf`` cells searched per query.
         hnsw_m: ``hnsw`` neighbours per node.
@@ -38,27 +42,40 @@ class NearestNeighbors:
             with ``refine`` so the final pick is made on exact distances.
         refine: approximate indexes only: take ``refine * k`` candidates and keep the ``k`` with
             the smallest exact distances (faiss ``IndexRefineFlat``; 1 = off).
+        traceable: search as one float32 block, a graph without data-dependent shapes
+            (exported models; :func:`traceable_search`).
     """
 
-    BACKENDS = ("auto", "faiss", "torch", "ivf", "hnsw")
+    BACKENDS = ("exact", "ivf", "hnsw")
     APPROXIMATE = ("ivf", "hnsw")
+    LEGACY = ("auto", "torch", "faiss")  # exact, under the names of earlier runs
 
     def __init__(
         self,
-        backend: str = "auto",
-        chunk_size: int | None = 4096,
+        backend: str = "exact",
+        precision: str = "auto",
+        block_rows: int | None = None,
+        query_rows: int | None = None,
         nlist: int = 0,
         nprobe: int = 8,
         hnsw_m: int = 32,
         ef_search: int = 64,
         pca_dim: int = 0,
         refine: int = 1,
+        *,
+        traceable: bool = False,
     ) -> None:
+        if backend in self.LEGACY:
+            backend = "exact"
         if backend not in self.BACKENDS:
             raise ConfigError(f"model.knn.backend={backend}: choose one of {self.BACKENDS}")
-        if backend in ("faiss", *self.APPROXIMATE) and faiss is None:
+        if backend in self.APPROXIMATE and faiss is None:
             raise ConfigError(
                 f"model.knn.backend={backend} but faiss is not installed: pip install faiss-cpu"
+            )
+        if precision not in ExactSearch.PRECISIONS:
+            raise ConfigError(
+                f"model.knn.precision={precision}: choose one of {ExactSearch.PRECISIONS}"
             )
         for key, value, low in [
             ("nlist", nlist, 0),
@@ -67,6 +84,8 @@ class NearestNeighbors:
             ("ef_search", ef_search, 1),
             ("pca_dim", pca_dim, 0),
             ("refine", refine, 1),
+            ("block_rows", 1 if block_rows is None else block_rows, 1),
+            ("query_rows", 1 if query_rows is None else query_rows, 1),
         ]:
             if value < low:
                 raise ConfigError(f"model.knn.{key} must be >= {low}, got {value}")
@@ -76,22 +95,18 @@ class NearestNeighbors:
                 f"not backend={backend} (exact search needs neither)"
             )
         self.backend = backend
-        self.chunk_size = chunk_size
+        self.precision, self.block_rows, self.query_rows = precision, block_rows, query_rows
         self.nlist, self.nprobe = nlist, nprobe
         self.hnsw_m, self.ef_search = hnsw_m, ef_search
         self.pca_dim, self.refine = pca_dim, refine
+        self.traceable = traceable
         self._bank: torch.Tensor | None = None
+        self._exact: ExactSearch | None = None  # built on the first search (not while tracing)
         self._index = None  # approximate faiss index
-        self._flat: np.ndarray | None = None  # the bank as exact faiss search reads it
 
     @property
     def size(self) -> int:
         return 0 if self._bank is None else len(self._bank)
-
-    def _use_faiss(self, device: torch.device) -> bool:
-        return self.backend in ("faiss", *self.APPROXIMATE) or (
-            self.backend == "auto" and faiss is not None and device.type == "cpu"
-        )
 
     def _new_index(self, bank: np.ndarray):
         """The trained and filled approximate index (``ivf`` or ``hnsw``) over ``bank``."""
@@ -122,89 +137,78 @@ class NearestNeighbors:
 
     def reset(self) -> None:
         """Forget the indexed bank (e.g. after a new bank was loaded into the model)."""
-        self._bank = None
-        self._index, self._flat = None, None
+        self._bank, self._exact, self._index = None, None, None
 
     def ensure_fitted(self, bank: torch.Tensor) -> NearestNeighbors:
         """Index ``bank`` unless already indexed (a loaded checkpoint restores the bank, not the index)."""
         return self if self.size else self.fit(bank)
 
     def fit(self, bank: torch.Tensor) -> NearestNeighbors:
-        """Index the ``(M, D)`` bank."""
+        """Index the ``(M, D)`` bank (exact search keeps a reference to it, not a copy)."""
         if bank.ndim != 2 or len(bank) == 0:
             raise ValueError(
                 f"memory bank must be a non-empty (M, D) tensor, got {tuple(bank.shape)}"
             )
         self._bank = bank.float()
-        self._index, self._flat = None, None
-        if self._use_faiss(bank.device):
-            # A view of the bank when it is a contiguous CPU float32 tensor (the usual case).
-            rows = self._bank.detach().cpu().contiguous().numpy()
-            if self.backend in self.APPROXIMATE:
-                self._index = self._new_index(rows)
-            else:
-                self._flat = rows
+        self._exact, self._index = None, None
+        if self.backend in self.APPROXIMATE and not self.traceable:
+            self._index = self._new_index(self._bank.detach().cpu().contiguous().numpy())
         return self
-
-    def _faiss_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Squared distances and indices from the approximate index, or exact flat search."""
-        if self._index is not None:
-            return self._index.search(queries, k)
-        # faiss.knn is IndexFlatL2's search run on the bank's own memory: an IndexFlatL2 would hold
-        # a second copy of the bank (97 MB for ELPV mono at 10 %), for the same results.
-        return faiss.knn(queries, self._flat, k)
 
     @torch.no_grad()
     def search(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return distances and indices, each ``(Q, k)``, of the ``k`` nearest bank rows."""
+        """Return distances and indices, each ``(Q, k)``, of the ``k`` nearest bank rows.
+
+        Exact search returns the float64 brute force's neighbours (ties: lower bank index) and
+        their distances, measured directly; exported graphs search exactly in float32.
+        """
         if self._bank is None:
             raise RuntimeError("NearestNeighbors.search called before fit")
         if not 1 <= k <= self.size:
             raise ConfigError(f"k={k} must be between 1 and the memory bank size {self.size}")
         queries = queries.float()
-        if self._index is not None or self._flat is not None:
-            squared, idx = self._faiss_search(queries.detach().cpu().contiguous().numpy(), k)
-            idx = torch.from_numpy(idx).to(queries.device)
-            if self.refine > 1:  # IndexRefineFlat measures its picks directly: no cancellation
-                dists = torch.from_numpy(squared).clamp_min(0).sqrt().to(queries.device)
-            else:
-                chunk_size = self.chunk_size or len(queries)
-                bank = self._bank.to(queries.device)
-                dists = torch.cat(
-                    [
-                        _exact_distances(q, i, bank)
-                        for q, i in zip(
-                            queries.split(chunk_size), idx.split(chunk_size), strict=True
-                        )
-                    ]
-                )
-            missing = (idx < 0).any(dim=1)  # an IVF probe can hold fewer than k points
-            if missing.any():
-                dists[missing], idx[missing] = self._exact(queries[missing], k)
-            return dists, idx
-        return self._exact(queries, k)
+        if self.traceable or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return traceable_search(queries, self._bank, k)
+        if self._index is not None:
+            return self._approximate(queries, k)
+        if self._exact is None:
+            self._exact = ExactSearch(self._bank, self.precision, self.block_rows, self.query_rows)
+        return self._exact.search(queries, k)
 
-    def _exact(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Chunked brute force in torch (GPU path, fallback, and misses of approximate indexes)."""
-        bank = self._bank.to(queries.device)
-        bank_sq = bank.square().sum(1)
-        dists, indices = [], []
-        chunks = (queries,) if self.chunk_size is None else queries.split(self.chunk_size)
-        for chunk in chunks:
-            d2 = torch.addmm(bank_sq.unsqueeze(0), chunk, bank.T, alpha=-2.0)
-            d2 += chunk.square().sum(1, keepdim=True)
-            _, i = d2.topk(k, dim=1, largest=False)
-            dists.append(_exact_distances(chunk, i, bank))
-            indices.append(i)
-        return torch.cat(dists), torch.cat(indices)
+    def _approximate(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        squared, idx = self._index.search(queries.detach().cpu().contiguous().numpy(), k)
+        idx = torch.from_numpy(idx).to(queries.device)
+        if self.refine > 1:  # IndexRefineFlat measures its picks directly: no cancellation
+            dists = torch.from_numpy(squared).clamp_min(0).sqrt().to(queries.device)
+        else:
+            bank = self._bank.to(queries.device)
+            dists = direct_distances(queries, idx.clamp_min(0), bank)
+        missing = (idx < 0).any(dim=1)  # an IVF probe can hold fewer than k points
+        if missing.any():
+            if self._exact is None:
+                self._exact = ExactSearch(self._bank, self.precision)
+            dists[missing], idx[missing] = self._exact.search(queries[missing], k)
+        return dists, idx
 
 
-def _exact_distances(queries: torch.Tensor, idx: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+def traceable_search(
+    queries: torch.Tensor, bank: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact search as one float32 block: what exported graphs run (no data-dependent loop).
+
+    Ranks with ||q||^2 - 2 q.b + ||b||^2 and measures the picks' distances directly.
+    """
+    bank_sq = bank.square().sum(1)
+    d2 = torch.addmm(bank_sq.unsqueeze(0), queries, bank.T, alpha=-2.0)
+    _, idx = d2.topk(k, dim=1, largest=False)
+    return direct_distances(queries, idx, bank), idx
+
+
+def direct_distances(queries: torch.Tensor, idx: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     """``||q - bank[idx]||`` for ``(Q, D)`` queries and their ``(Q, k)`` neighbour indices.
 
-    The search ranks with ||q||^2 - 2 q.b + ||b||^2, which cancels badly when features are long and
-    neighbours close (1e-4 relative error on ELPV with resnet18 features, and different errors in
-    faiss and torch); the chosen neighbours' distances are recomputed directly, which is cheap.
+    Ranking by ||q||^2 - 2 q.b + ||b||^2 cancels badly when features are long and neighbours close
+    (1e-4 relative error on ELPV with resnet18 features); the picks are measured directly.
     """
     return torch.linalg.vector_norm(queries.unsqueeze(1) - bank[idx], dim=-1)
 

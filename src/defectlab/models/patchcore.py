@@ -48,7 +48,7 @@ class PatchCore(nn.Module):
     """
 
     # models.protocols.ResizableBuffers: the bank's row count comes from the saved model.
-    resizable_buffers: tuple[str, ...] = ("memory_bank",)
+    resizable_buffers: tuple[str, ...] = ("memory_bank", "bank_neighbors")
 
     def __init__(
         self,
@@ -85,6 +85,9 @@ class PatchCore(nn.Module):
             )
         # Persistent so a checkpoint alone restores a fitted model; resized on load.
         self.register_buffer("memory_bank", torch.empty(0, self.embedder.out_dim))
+        # N_b(m) of Eq. 7 for every bank row m, nearest first: a property of the bank, found once
+        # when it is built, so a test image needs one search. Persistent, resized on load.
+        self.register_buffer("bank_neighbors", torch.empty(0, k, dtype=torch.long))
 
     @property
     def input_multiple(self) -> int:
@@ -161,6 +164,13 @@ class PatchCore(nn.Module):
         rows = self.subsample(embeddings) if subsample else embeddings.float()
         self.memory_bank = rows.to(self.memory_bank.device)
         self.knn.fit(self.memory_bank)
+        self.bank_neighbors = self._bank_neighbors()
+
+    def _bank_neighbors(self) -> torch.Tensor:
+        """``(M, k)`` indices of each bank row's k nearest bank rows (itself first, up to ties)."""
+        if self.k == 1:  # N_1(m) = {m}: Eq. 7 is then not evaluated
+            return torch.arange(len(self.memory_bank), device=self.memory_bank.device)[:, None]
+        return self._index().search(self.memory_bank, k=self.k)[1]  # k > M: a ConfigError
 
     def _index(self) -> NearestNeighbors:
         if not self.is_fitted:
@@ -199,16 +209,24 @@ class PatchCore(nn.Module):
         s_star, p_star = patch_scores.max(dim=1)
         if self.k == 1:
             return s_star
-        k = self.k  # > bank size: NearestNeighbors raises (checked before fitting, too)
-        m_star = self.memory_bank[nn_idx.gather(1, p_star[:, None])[:, 0]]  # (B, D)
-        _, support = self._index().search(m_star, k=k)  # N_b(m*), (B, k)
+        support = self.bank_neighbors[nn_idx.gather(1, p_star[:, None])[:, 0]]  # N_b(m*), (B, k)
         dim = patches.shape[-1]
         m_test = patches.gather(1, p_star[:, None, None].expand(-1, 1, dim))  # (B, 1, D)
         d = torch.linalg.vector_norm(m_test - self.memory_bank[support], dim=-1)
         weight = 1.0 - torch.exp(s_star - torch.logsumexp(d, dim=1))
         return weight * s_star
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+    ):
         for name in self.resizable_buffers:
             resize_bank_for_load(self, state_dict, prefix, self.knn, name)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+        )
+        key = prefix + "bank_neighbors"
+        if self.is_fitted and key not in state_dict:
+            # Saved before the neighbours were stored (a converted old checkpoint): found again.
+            if key in missing_keys:
+                missing_keys.remove(key)
+            self.bank_neighbors = self._bank_neighbors()
