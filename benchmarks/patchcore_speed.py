@@ -5,7 +5,7 @@
 
 Stages, each timed on its own after warm-up:
   extract  backbone + patch embedding of every fit image (train loader)
-  coreset  the sampler on all fit embeddings
+  coreset  the sampler on all fit embeddings, and the bank's Eq. 7 neighbours (also timed alone)
   knn      nearest-neighbour search + image score (Eq. 7), on test images
   map      anomaly-map upsampling + blur, on test images
 and the whole ``predict`` at batch 1 and 32. The backbone's forward alone (the floor) is timed
@@ -113,6 +113,7 @@ def measure(overrides: list[str], max_test: int, batch: int) -> dict:
         coreset_s = time.perf_counter() - start
         bank_rows, dim = model.memory_bank.shape
         del buffer
+        neighbors_s, _ = _timed(model._bank_neighbors)  # once more, alone
 
         images = first_test_images(datamodule, max(max_test, batch))
         size = tuple(images.shape[-2:])
@@ -161,15 +162,19 @@ def measure(overrides: list[str], max_test: int, batch: int) -> dict:
         "storage": model.storage,
         "embed_batch": model.embed_batch,
         "knn": OmegaConf.to_container(cfg.model.knn),
+        # what precision="auto" chose in this process (exact search)
+        "search_dtype": str(getattr(model.knn._exact, "dtype", None)).removeprefix("torch."),
         "buffer_mb": buffer_mb,
         "ratio": cfg.sampler.get("ratio"),
         "fit_images": fit_images,
         "fit_vectors": fit_vectors,
         "bank_rows": bank_rows,
+        "k": model.k,
         "dim": dim,
         "bank_mb": bank_rows * dim * 4 / 2**20,
         "extract_s": extract_s,
         "coreset_s": coreset_s,
+        "bank_neighbors_s": neighbors_s,
         "fit_s": extract_s + coreset_s,
         "peak_rss_after_extract_mb": rss_after_extract,
         "peak_rss_mb": _peak_rss_mb(),
@@ -198,9 +203,13 @@ def to_markdown(row: dict) -> str:
         "| stage | seconds / ms |",
         "|---|---|",
         f"| extract ({row['fit_images']} images, {row['fit_vectors']} vectors) | {row['extract_s']:.1f} s |",
-        f"| coreset ({row['sampler']}, ratio {row['ratio']}) -> {row['bank_rows']} x {row['dim']} | {row['coreset_s']:.1f} s |",
+        f"| coreset ({row['sampler']}, ratio {row['ratio']}) -> {row['bank_rows']} x {row['dim']}, with Eq. 7 neighbours | {row['coreset_s']:.1f} s |",
+        f"| Eq. 7 bank neighbours alone (k = {row['k']}) | {row['bank_neighbors_s']:.1f} s |",
         f"| fit total | {row['fit_s']:.1f} s |",
     ]
+    lines.append(
+        f"| search precision (`model.knn.precision={row['knn'].get('precision')}`) | {row['search_dtype']} |"
+    )
     for stage in ("embed", "knn", "map", "predict"):
         lines.append(
             f"| {stage}: batch 1 / batch {b} per image | {row['batch1_ms'][stage]:.1f} / "

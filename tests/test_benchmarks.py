@@ -67,7 +67,7 @@ def test_knn_search_benchmark_scores_options_against_exact(trained_run, tmp_path
         "--out",
         str(tmp_path),
         "--spec",
-        "backend=faiss",
+        "backend=exact precision=bfloat16",
         "--spec",
         "backend=ivf nlist=4 nprobe=4",
     ]
@@ -83,6 +83,16 @@ def test_knn_search_benchmark_scores_options_against_exact(trained_run, tmp_path
     assert projected["recall"] < 0.99 and projected["mean_distance_excess"] > 0
     assert all(r["ms_per_image_after_forward"] > 0 for r in result["rows"])
     assert "| `faiss=PCA2,IVF4,Flat nprobe=1` |" in proc.stdout
+
+
+def test_knn_search_default_specs_are_valid():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import knn_search
+
+    specs = knn_search.default_specs()
+    assert specs[0].startswith("backend=exact") and "faiss=Flat" in specs
+    for spec in specs:
+        knn_search.parse_spec(spec)
 
 
 @pytest.mark.parametrize(
