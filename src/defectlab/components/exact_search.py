@@ -33,6 +33,8 @@ U32 = 2.0**-24  # float32 unit roundoff
 GROUP_ROWS = 4
 # Bytes of group maxima kept per query chunk (sets the queries per chunk on large banks).
 GROUP_STATS_BYTES = 32 * 2**20
+# Bytes of candidate bank rows gathered at once to measure their distances.
+RANK_BYTES = 8 * 2**20
 LOW_PRECISION = {"cpu": torch.bfloat16, "cuda": torch.float16}
 # Input unit roundoff, and the absolute error of an element below the normal range (flushed
 # to zero by the bfloat16 dot-product instructions; float16 subnormal spacing 2^-24, halved).
@@ -53,8 +55,8 @@ def _low_precision_bound(
     With x = sigma (q - c), w = sigma (b - c) (centre c, power-of-two scale sigma, both exact),
     x_hat = lp(x), w_hat = lp(w) with |x_hat_i - x_i| <= u~|x_i| + eta (u~ = u + 2 u32 covers
     the float32 centring of q and a double rounding float64 -> float32 -> lp of w), and the bias
-    columns h + l = lp-split of -||.||^2 / 2 (error <= 2 u~^2 ||.||^2 / 2, plus 3 u32 for the
-    float32 query):
+    columns h + l = lp-split of -||.||^2 / 2 (error <= 2 u~^2 ||.||^2 / 2, plus gamma_{D+2} for
+    the query's float32 sum of squares and centring):
 
         |x_hat . w_hat - x . w| <= (2u~ + u~^2) ||x|| ||w|| + eta (1 + u~) sqrt(D) (||x|| + ||w||)
                                    + D eta^2                           (Cauchy-Schwarz)
@@ -75,7 +77,7 @@ def _low_precision_bound(
     squares = (x_norm.square() + w_norm.square()) / 2
     total = ((1 + u) * x_norm + eta * root) * ((1 + u) * w_norm + eta * root)
     total = total + (1 + 2 * u) * squares
-    bias = (2 * u * u + 3 * U32) * squares
+    bias = (2 * u * u + _gamma(dim + 2)) * squares
     return product + bias + _gamma(dim + 4) * total + (dim + 4) * 2.0**-126
 
 
@@ -92,6 +94,7 @@ def _fp32_bound(q_norm: torch.Tensor, b_norm: torch.Tensor, dim: int) -> torch.T
     )
 
 
+@functools.cache
 def _cpu_cache_bytes(level: int) -> int | None:
     """Size of one core's data/unified cache at ``level`` (Linux sysfs), None if unknown."""
     root = Path("/sys/devices/system/cpu/cpu0/cache")
@@ -305,14 +308,19 @@ class ExactSearch:
         return maxima, top, bound(_block_maxima(norms, block)), block, out_unit
 
     def _low_queries(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Queries as the low-precision product reads them, and their float64 norms."""
-        x = (queries - self._centre) * self._scale  # float32: exact scaling, centring <= u32
-        x_norm = x.double().square().sum(1).sqrt()
-        half = -(x_norm.square()) / 2
+        """Queries as the low-precision product reads them, and upper bounds of their norms."""
+        n, dim = queries.shape
+        x = (queries - self._centre).mul_(self._scale)  # exact scaling; centring rounds <= u32
+        square = torch.linalg.vecdot(x, x).double()  # float32 sum: relative error <= gamma_D
+        x_norm = (square * (1 + _gamma(dim))).sqrt()
+        half = -square / 2
         high = half.to(self.dtype)
-        low = (half - high.double()).to(self.dtype)
-        ones = torch.ones(len(x), 2, dtype=self.dtype, device=x.device)
-        return torch.cat([x.to(self.dtype), ones, high[:, None], low[:, None]], 1), x_norm
+        xq = torch.empty(n, dim + 4, dtype=self.dtype, device=x.device)
+        xq[:, :dim] = x
+        xq[:, dim : dim + 2] = 1
+        xq[:, dim + 2] = high
+        xq[:, dim + 3] = (half - high.double()).to(self.dtype)
+        return xq, x_norm
 
     def _fits(self, x_norm: torch.Tensor) -> torch.Tensor:
         """Queries whose products stay in float16's range (all, for bfloat16)."""
@@ -355,7 +363,7 @@ class ExactSearch:
     # ---- pass 2 ---------------------------------------------------------------------------
 
     def _candidates(self, maxima, top, error, block, out_unit, k):
-        """``(query, row)`` pairs of every row that can be among a query's k nearest.
+        """``(query, first row)`` of every row group that can hold one of a query's k nearest.
 
         Every kept score y_hat is within ``error + u' |y_hat|`` of its true value (u' from the
         output rounding), a monotone band. Each block's top-k group maxima belong to distinct
@@ -388,22 +396,22 @@ class ExactSearch:
         )
         group_max = maxima.view(-1)[offsets].double()  # (pairs, groups)
         pair, group = (group_max >= threshold[b_idx, q_idx][:, None]).nonzero(as_tuple=True)
-        start = b_idx[pair] * block + group * GROUP_ROWS
-        rows = (start[:, None] + torch.arange(GROUP_ROWS, device=start.device)).flatten()
-        query = q_idx[pair].repeat_interleave(GROUP_ROWS)
-        valid = rows < len(self.bank)
-        return query[valid], rows[valid]
+        return q_idx[pair], b_idx[pair] * block + group * GROUP_ROWS
 
-    def _rank(self, queries, query, rows, k):
-        """The k nearest of each query's candidates: float32 distances, float64 where close.
+    def _rank(self, queries, query, start, k):
+        """The k nearest rows of each query's candidate groups ``(query, first row)``.
 
         float32 ``||q - b||^2`` measured directly (each difference, square and the sum rounds):
         relative error <= rho. Every candidate whose float32 distance cannot be told from the
         k-th smallest is measured again in float64, and the k best of those are returned.
         """
-        n = len(queries)
-        d32 = _squared_distances(queries, query, self.bank, rows)
-        rho = 2 * _gamma(queries.shape[1] + 3)
+        n, dim = queries.shape
+        d32 = self._group_distances(queries, query, start)  # (groups, GROUP_ROWS)
+        rows = (start[:, None] + torch.arange(GROUP_ROWS, device=start.device)).flatten()
+        query, d32 = query.repeat_interleave(GROUP_ROWS), d32.flatten()
+        valid = rows < len(self.bank)  # the last group may be short
+        query, rows, d32 = query[valid], rows[valid], d32[valid]
+        rho = 2 * _gamma(dim + 3)
         if k == 1:
             kth = torch.full((n,), math.inf, device=d32.device).scatter_reduce(
                 0, query, d32, "amin"
@@ -414,7 +422,7 @@ class ExactSearch:
             kth = d32[order][torch.cumsum(counts, 0) - counts + k - 1]
         band = d32 * (1 - rho) <= (kth * (1 + rho))[query]
         query, rows = query[band], rows[band]
-        d64 = _squared_distances(queries, query, self.bank, rows, torch.float64)
+        d64 = self._pair_distances64(queries, query, rows)
         if k == 1:  # smallest float64 distance per query, ties to the lower row
             best = torch.full((n,), math.inf, dtype=d64.dtype, device=d64.device)
             best = best.scatter_reduce(0, query, d64, "amin")
@@ -429,23 +437,40 @@ class ExactSearch:
         pick = (first[:, None] + torch.arange(k, device=first.device)).flatten()
         return d64[pick].sqrt().float().view(n, k), rows[pick].view(n, k)
 
+    def _group_distances(self, queries, query, start) -> torch.Tensor:
+        """float32 ``||q - b||^2`` of each group's rows ``(groups, GROUP_ROWS)``, in slices.
+
+        Each slice gathers at most ``RANK_BYTES`` of bank rows (bounded memory, reused buffer)
+        and each query once per group, not once per row.
+        """
+        rows, dim = self.bank.shape
+        offsets = torch.arange(GROUP_ROWS, device=start.device)
+        step = max(1, RANK_BYTES // (GROUP_ROWS * dim * 4))
+        out = torch.empty(len(start), GROUP_ROWS, device=start.device)
+        buffer = torch.empty(min(step, len(start)) * GROUP_ROWS, dim, device=start.device)
+        for i in range(0, len(start), step):
+            ids = (start[i : i + step, None] + offsets).clamp_max(rows - 1).flatten()
+            part = torch.index_select(self.bank, 0, ids, out=buffer[: len(ids)])
+            part = part.view(-1, GROUP_ROWS, dim)
+            part.sub_(queries.index_select(0, query[i : i + step]).unsqueeze(1))
+            torch.linalg.vecdot(part, part, out=out[i : i + step])
+        return out
+
+    def _pair_distances64(self, queries, query, rows) -> torch.Tensor:
+        """float64 ``||q - b||^2`` per ``(query, row)`` pair, in slices of ``RANK_BYTES``."""
+        step = max(1, RANK_BYTES // (self.bank.shape[1] * 8))
+        parts = []
+        for i in range(0, len(rows), step):
+            diff = self.bank.index_select(0, rows[i : i + step]).double()
+            diff -= queries.index_select(0, query[i : i + step])
+            parts.append(torch.linalg.vecdot(diff, diff))
+        return torch.cat(parts) if parts else queries.new_empty(0, dtype=torch.float64)
+
 
 def _block_maxima(norms: torch.Tensor, block: int) -> torch.Tensor:
     """Largest row norm of each block, inflated by 2^-20 (relative) for the float32 centring."""
     padded = torch.nn.functional.pad(norms, (0, -len(norms) % block))
     return padded.view(-1, block).amax(1) * (1 + 2.0**-20)
-
-
-def _squared_distances(
-    queries: torch.Tensor,
-    query: torch.Tensor,
-    bank: torch.Tensor,
-    rows: torch.Tensor,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """``||queries[query] - bank[rows]||^2`` per pair, computed directly in ``dtype``."""
-    diff = queries.index_select(0, query).to(dtype) - bank.index_select(0, rows).to(dtype)
-    return diff.mul_(diff).sum(1)
 
 
 def _sort_by(
