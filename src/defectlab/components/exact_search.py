@@ -211,11 +211,11 @@ class ExactSearch:
         self.block_rows, self.query_rows = block_rows, query_rows
         dim = self.bank.shape[1]
         device = self.bank.device
-        bank64 = self.bank.double()
-        norm = bank64.square().sum(1)
+        # Row norms in float64, a slice at a time (no float64 copy of the bank).
+        norm = torch.cat([_norms64(part) for part in self._slices()])
         # float32 path: -||b||^2 / 2 as the product's bias; no copy of the bank.
-        self._bias = (-norm / 2).float().unsqueeze(1)
-        self._norm = norm.sqrt()
+        self._bias = (-norm.square() / 2).float().unsqueeze(1)
+        self._norm = norm
         if precision == "auto":
             fast = low_precision_is_faster(device.type, dim, torch.get_num_threads())
             precision = (
@@ -224,25 +224,37 @@ class ExactSearch:
         self.dtype = getattr(torch, precision)
         self._low_bank = None
         if self.dtype != torch.float32:
-            self._prepare_low(bank64)
+            self._prepare_low()
 
-    def _prepare_low(self, bank64: torch.Tensor) -> None:
+    def _slices(self) -> list[torch.Tensor]:
+        """The bank in row slices of about ``RANK_BYTES`` (for float64 work on bounded memory)."""
+        step = max(1, RANK_BYTES // (self.bank.shape[1] * 8))
+        return list(self.bank.split(step))
+
+    def _prepare_low(self) -> None:
         """The centred, scaled, low-precision bank with its two bias columns and two ones."""
-        self._centre = bank64.mean(0).float()  # an exact float32 point: ||q - b|| is unchanged
-        centred = bank64 - self._centre.double()
-        norm = centred.square().sum(1).sqrt()
+        rows, dim = self.bank.shape
+        total = sum(part.double().sum(0) for part in self._slices())
+        self._centre = (total / rows).float()  # an exact float32 point: ||q - b|| is unchanged
+        centre = self._centre.double()
+        norm = torch.cat([_norms64(part.double() - centre) for part in self._slices()])
         # float16 range: scale by a power of two (exact) so that |w|_max <= 2^7 and ||w||^2/2
         # fits; bfloat16 has float32's range.
-        top = float(norm.max()) if len(norm) else 1.0
+        top = float(norm.max())
         exponent = 0 if self.dtype == torch.bfloat16 else 7 - math.ceil(math.log2(max(top, 1e-30)))
         self._scale = 2.0**exponent
-        w = centred * self._scale
         self._w_norm = norm * self._scale
         half = -(self._w_norm.square()) / 2
         high = half.to(self.dtype)
-        low = (half - high.double()).to(self.dtype)
-        ones = torch.ones(len(w), 2, dtype=self.dtype, device=w.device)
-        self._low_bank = torch.cat([w.to(self.dtype), high[:, None], low[:, None], ones], 1)
+        low = torch.empty(rows, dim + 4, dtype=self.dtype, device=self.bank.device)
+        start = 0
+        for part in self._slices():  # (b - c) sigma in float64, rounded once
+            low[start : start + len(part), :dim] = (part.double() - centre) * self._scale
+            start += len(part)
+        low[:, dim] = high
+        low[:, dim + 1] = (half - high.double()).to(self.dtype)
+        low[:, dim + 2 :] = 1
+        self._low_bank = low
 
     # ---- pass 1 ---------------------------------------------------------------------------
 
@@ -465,6 +477,12 @@ class ExactSearch:
             diff -= queries.index_select(0, query[i : i + step])
             parts.append(torch.linalg.vecdot(diff, diff))
         return torch.cat(parts) if parts else queries.new_empty(0, dtype=torch.float64)
+
+
+def _norms64(rows: torch.Tensor) -> torch.Tensor:
+    """float64 Euclidean norms of ``rows`` (any float dtype)."""
+    rows = rows.double()
+    return torch.linalg.vecdot(rows, rows).sqrt()
 
 
 def _block_maxima(norms: torch.Tensor, block: int) -> torch.Tensor:
