@@ -179,7 +179,7 @@ def test_search_reads_the_bank_in_place_and_sizes_blocks_to_the_cache():
     assert knn._exact.bank.data_ptr() == bank.data_ptr()  # no float32 copy of the bank
     for queries in (1, 784, 10**6):
         rows = default_block_rows(torch.device("cpu"), queries, 2)
-        assert 256 <= rows <= 8192 and rows % GROUP_ROWS == 0
+        assert 256 <= rows <= 16384 and rows % GROUP_ROWS == 0
     assert default_block_rows(torch.device("cpu"), 784, 2) >= default_block_rows(
         torch.device("cpu"), 4096, 2
     )
