@@ -21,7 +21,9 @@ the index from the CPU caches) and searched again at once (warm); recall of the 
 distance; the mean excess of the patch distances and of each image's largest one (the image
 score before Eq. 7) over exact search, all from distances measured directly to the rows found
 (a ``faiss=`` row's time is the faiss call alone: its own distances are exact only behind
-``RFlat``). The backbone forward's ms per image is printed with them. Writes
+``RFlat``). The backbone forward's ms per image is printed with them. ``--threads 1 --clock cpu``
+times every option on one core in CPU time: comparable between options while other processes
+load the machine. Writes
 ``knn_search.json`` / ``.md`` into ``--out``.
 """
 
@@ -129,7 +131,7 @@ def _median_ms(times: list[float]) -> float:
 
 
 @torch.no_grad()
-def measure(run_dir: Path, specs: list[str], images: int) -> dict:
+def measure(run_dir: Path, specs: list[str], images: int, clock=time.perf_counter) -> dict:
     """Time and score every spec on the run's bank (specs are parsed before the model loads)."""
     indexes = [(spec, parse_spec(spec)) for spec in specs]
     predictor = Predictor.from_model(run_dir, "cpu")
@@ -149,21 +151,21 @@ def measure(run_dir: Path, specs: list[str], images: int) -> dict:
     while indexes:
         # popped: each index is freed after its row (a re-ranking one holds a copy of the bank)
         spec, index = indexes.pop(0)
-        start = time.perf_counter()
+        start = clock()
         index.fit(bank)
         index.search(queries[0], 1)  # warm-up; exact search prepares itself on its first call
-        build_s = time.perf_counter() - start
+        build_s = clock() - start
         cold, warm, recalled, excess, score_excess = [], [], [], [], []
         for x, q, ref in zip(batch, queries, truth, strict=True):
-            start = time.perf_counter()
+            start = clock()
             model.extractor(x)
-            backbone_s.append(time.perf_counter() - start)
-            start = time.perf_counter()
+            backbone_s.append(clock() - start)
+            start = clock()
             _, idx = index.search(q, 1)
-            cold.append(time.perf_counter() - start)
-            start = time.perf_counter()
+            cold.append(clock() - start)
+            start = clock()
             index.search(q, 1)
-            warm.append(time.perf_counter() - start)
+            warm.append(clock() - start)
             # Scored on distances measured directly to the rows found, whatever the index reports.
             found = idx[:, 0]
             dist = torch.linalg.vector_norm(q - bank[found.clamp_min(0)], dim=1)
@@ -199,7 +201,8 @@ def measure(run_dir: Path, specs: list[str], images: int) -> dict:
 def to_markdown(result: dict) -> str:
     lines = [
         f"{result['images']} images x {result['patches_per_image']} patches, bank "
-        f"{result['bank_rows']} x {result['dim']}; backbone forward "
+        f"{result['bank_rows']} x {result['dim']}; {result.get('threads')} threads, "
+        f"{result.get('clock', 'wall')} clock; backbone forward "
         f"{result['backbone_ms_per_image']:.1f} ms per image (batch 1)",
         "",
         "| spec | build s | ms per image after forward | warm ms | recall | mean distance "
@@ -222,10 +225,24 @@ def main(argv: list[str] | None = None) -> dict:
         "--spec", action="append", help="search option (repeat; default: exact, ivf, hnsw, preset)"
     )
     parser.add_argument("--images", type=int, default=32, help="test images searched")
+    parser.add_argument("--threads", type=int, help="torch and faiss threads (default: torch's)")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: this process's CPU time (with --threads 1, robust to other load on a shared "
+        "machine)",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     try:
-        result = measure(args.run, args.spec or default_specs(), args.images)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+            if faiss is not None:
+                faiss.omp_set_num_threads(args.threads)
+        clock = time.process_time if args.clock == "cpu" else time.perf_counter
+        result = measure(args.run, args.spec or default_specs(), args.images, clock)
+        result |= {"clock": args.clock, "threads": torch.get_num_threads()}
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from None
     write_outputs(args.out, "knn_search", result, to_markdown(result))
