@@ -157,6 +157,31 @@ def test_real_elpv_bank_is_searched_exactly():
                 torch.testing.assert_close(dist, ref_d[:, :k].float(), atol=0, rtol=1e-6)
 
 
+def test_exact_whatever_the_process_matmul_precision(monkeypatch):
+    # "medium" lets CUDA run float32 products in TF32 and oneDNN in bfloat16: exact search runs
+    # its products in IEEE float32 as its bounds assume, and leaves the setting as it found it.
+    g = torch.Generator().manual_seed(4)
+    bank, queries = torch.randn(500, 64, generator=g) + 2, torch.randn(90, 64, generator=g) + 2
+    seen = []
+    addmm = torch.addmm
+
+    def recording_addmm(*args, **kwargs):
+        seen.append(torch.backends.mkldnn.matmul.fp32_precision)
+        return addmm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "addmm", recording_addmm)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        for precision in PRECISIONS:
+            assert_exact(ExactSearch(bank, precision, block_rows=64).search, queries, bank, 3)
+        assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert seen and set(seen) == {"ieee"}
+
+
 def test_traceable_search_agrees_and_legacy_names_are_exact():
     g = torch.Generator().manual_seed(1)
     bank, queries = torch.randn(300, 24, generator=g), torch.randn(77, 24, generator=g)

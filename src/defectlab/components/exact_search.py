@@ -18,6 +18,7 @@ Ties (equal float64 distances, e.g. duplicate bank rows) go to the lower bank in
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -175,6 +176,34 @@ def low_precision_is_faster(device_type: str, dim: int, threads: int) -> bool:
     return low < 0.75 * full
 
 
+@contextlib.contextmanager
+def _faithful_products():
+    """Matrix products as the bounds assume them, whatever the process set, then restored.
+
+    float32 products in IEEE float32 (``torch.set_float32_matmul_precision("high")`` would let
+    CUDA use TF32 and oneDNN bfloat16 inside them) and half-precision CUDA products accumulated
+    in float32 (no reduced-precision reductions).
+    """
+    backends = (torch.backends.mkldnn.matmul, torch.backends.cuda.matmul)
+    saved = [b.fp32_precision for b in backends]
+    cuda = torch.backends.cuda.matmul
+    reduced = (
+        cuda.allow_fp16_reduced_precision_reduction,
+        cuda.allow_bf16_reduced_precision_reduction,
+    )
+    try:
+        for backend in backends:
+            backend.fp32_precision = "ieee"
+        cuda.allow_fp16_reduced_precision_reduction = False
+        cuda.allow_bf16_reduced_precision_reduction = False
+        yield
+    finally:
+        for backend, value in zip(backends, saved, strict=True):
+            backend.fp32_precision = value
+        cuda.allow_fp16_reduced_precision_reduction = reduced[0]
+        cuda.allow_bf16_reduced_precision_reduction = reduced[1]
+
+
 def _low_product(
     bank_rows: torch.Tensor, queries: torch.Tensor, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -275,7 +304,8 @@ class ExactSearch:
             empty = queries.new_empty(0, k)
             return empty, empty.long()
         step = self._chunk_rows(len(queries))
-        parts = [self._search_chunk(chunk, k) for chunk in queries.split(step)]
+        with _faithful_products():
+            parts = [self._search_chunk(chunk, k) for chunk in queries.split(step)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def _search_chunk(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,11 +332,11 @@ class ExactSearch:
         maxima = torch.empty(blocks, groups, n, dtype=dtype, device=device)
         maxima[-1, math.ceil((rows - (blocks - 1) * block) / GROUP_ROWS) :] = -math.inf
         # One output tile, reused: a fresh megabyte-sized tensor per product is a fresh mapping
-        # from the OS on CPU (page faults on every block).
-        tile = torch.empty(block, n, dtype=dtype, device=device)
+        # from the OS on CPU (page faults on every block). CUDA's allocator caches its own.
+        tile = None if device.type == "cuda" else torch.empty(block, n, dtype=dtype, device=device)
         for b in range(blocks):
             start, stop = b * block, min(rows, (b + 1) * block)
-            y = product(start, stop, tile[: stop - start])  # (stop - start, n)
+            y = product(start, stop, None if tile is None else tile[: stop - start])
             whole = (stop - start) // GROUP_ROWS * GROUP_ROWS
             torch.amax(
                 y[:whole].view(-1, GROUP_ROWS, n), dim=1, out=maxima[b, : whole // GROUP_ROWS]
