@@ -8,14 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from defectlab.components import NearestNeighbors
-from defectlab.components.exact_search import (
-    GROUP_ROWS,
-    ExactSearch,
-    _low_precision_bound,
-    default_block_rows,
-    low_precision_is_faster,
-)
+from defectlab.components.exact_search import ExactSearch
 from defectlab.components.knn import traceable_search
+from defectlab.components.products import default_block_rows, low_precision_is_faster
+from defectlab.components.rounding import low_precision_bound
 from defectlab.errors import ConfigError
 
 PRECISIONS = ["float32", "bfloat16"]
@@ -92,7 +88,7 @@ def problems(draw):
         queries = torch.cat([queries, bank[: draw(st.integers(1, rows))]])
         bank = torch.cat([bank, bank[: draw(st.integers(0, rows))]])
     k = draw(st.integers(1, min(9, len(bank))))
-    block = draw(st.integers(GROUP_ROWS, 64))
+    block = draw(st.integers(4, 64))
     return bank, queries, k, block, draw(st.sampled_from(PRECISIONS))
 
 
@@ -120,7 +116,7 @@ def test_low_precision_scores_are_within_the_certified_bound(precision):
     scale = search._scale
     exact = -(queries.double()[None] - bank.double()[:, None]).square().sum(-1) * scale**2 / 2
     w_norm = search._w_norm[:, None] * (1 + 2.0**-20)
-    bound = _low_precision_bound(x_norm[None] * (1 + 2.0**-20), w_norm, dim, search.dtype)
+    bound = low_precision_bound(x_norm[None] * (1 + 2.0**-20), w_norm, dim, search.dtype)
     unit = 2.0**-8 if precision == "bfloat16" else 2.0**-11
     assert ((y_hat - exact).abs() <= bound + unit / (1 - unit) * y_hat.abs()).all()
     assert (bound < 0.05 * x_norm[None] * w_norm + 1e-6).all()
@@ -204,7 +200,7 @@ def test_search_reads_the_bank_in_place_and_sizes_blocks_to_the_cache():
     assert knn._exact.bank.data_ptr() == bank.data_ptr()  # no float32 copy of the bank
     for queries in (1, 784, 10**6):
         rows = default_block_rows(torch.device("cpu"), queries, 2)
-        assert 256 <= rows <= 16384 and rows % GROUP_ROWS == 0
+        assert 256 <= rows <= 16384
     assert default_block_rows(torch.device("cpu"), 784, 2) >= default_block_rows(
         torch.device("cpu"), 4096, 2
     )
@@ -301,5 +297,5 @@ def test_pca_search_with_exact_refine(backend):
 def test_bound_is_monotone_in_the_row_norm():
     x = torch.tensor([[3.0]], dtype=torch.float64)
     norms = torch.tensor([[0.5, 1.0, 2.0, 4.0]], dtype=torch.float64)
-    bound = _low_precision_bound(x, norms, 152, torch.bfloat16)
+    bound = low_precision_bound(x, norms, 152, torch.bfloat16)
     assert (bound.diff(dim=1) > 0).all() and math.isfinite(float(bound.max()))

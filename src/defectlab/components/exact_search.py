@@ -6,9 +6,9 @@ The search never holds the full queries x bank distance matrix. It runs in two p
    score ``y ~ -||q - b||^2 / 2`` (up to a per-query constant) for the block's rows, in bfloat16 on
    CPUs where that is measured faster, float16 on CUDA, float32 otherwise. Only each group of
    ``GROUP_ROWS`` rows' maximum score is kept (and each block's top-k of those).
-2. *Certification.* A rigorous bound ``E`` on the error of a score (:func:`_low_precision_bound`,
-   :func:`_fp32_bound`) gives a lower bound on the k-th best true score, and so a threshold below
-   which no row can be among the k nearest. Only the row groups whose maximum reaches it are
+2. *Certification.* A rigorous bound ``E`` on the error of a score (``components/rounding.py``)
+   gives a lower bound on the k-th best true score, and so a threshold below which no row can be
+   among the k nearest. Only the row groups whose maximum reaches it are
    candidates. Their distances are measured directly, ``||q - b||`` in float32, and in float64
    where two candidates' float32 distances are too close to order, so the result is the float64
    brute force's: the same indices, and distances rounded from float64.
@@ -18,15 +18,19 @@ Ties (equal float64 distances, e.g. duplicate bank rows) go to the lower bank in
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
-import time
-from pathlib import Path
 
 import torch
 
-U32 = 2.0**-24  # float32 unit roundoff
+from defectlab.components.products import (
+    LOW_PRECISION,
+    default_block_rows,
+    faithful_products,
+    low_precision_is_faster,
+    low_product,
+)
+from defectlab.components.rounding import TINY, UNIT, fp32_bound, gamma, low_precision_bound
+
 # Rows per group whose maximum score pass 1 keeps: the candidates are whole groups, so their
 # number per query is about GROUP_ROWS x (groups near the k-th neighbour). Measured on ELPV
 # lite0 banks (784 queries): the group maxima cost the same for 4 to 32 rows; fewer rows per group
@@ -36,181 +40,6 @@ GROUP_ROWS = 4
 GROUP_STATS_BYTES = 32 * 2**20
 # Bytes of candidate bank rows gathered at once to measure their distances.
 RANK_BYTES = 8 * 2**20
-LOW_PRECISION = {"cpu": torch.bfloat16, "cuda": torch.float16}
-# Input unit roundoff, and the absolute error of an element below the normal range (flushed
-# to zero by the bfloat16 dot-product instructions; float16 subnormal spacing 2^-24, halved).
-_UNIT = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: U32}
-_TINY = {torch.bfloat16: 2.0**-126, torch.float16: 2.0**-25, torch.float32: 2.0**-126}
-
-
-def _gamma(n: int) -> float:
-    """Higham's gamma_n = n u / (1 - n u): relative error of any float32 sum of n terms."""
-    return n * U32 / (1 - n * U32)
-
-
-def _low_precision_bound(
-    x_norm: torch.Tensor, w_norm: torch.Tensor, dim: int, dtype: torch.dtype
-) -> torch.Tensor:
-    """Bound ``E(x, w)`` on ``|y_hat - (-||x - w||^2 / 2)|`` for the low-precision product.
-
-    With x = sigma (q - c), w = sigma (b - c) (centre c, power-of-two scale sigma, both exact),
-    x_hat = lp(x), w_hat = lp(w) with |x_hat_i - x_i| <= u~|x_i| + eta (u~ = u + 2 u32 covers
-    the float32 centring of q and a double rounding float64 -> float32 -> lp of w), and the bias
-    columns h + l = lp-split of -||.||^2 / 2 (error <= 2 u~^2 ||.||^2 / 2, plus gamma_{D+2} for
-    the query's float32 sum of squares and centring):
-
-        |x_hat . w_hat - x . w| <= (2u~ + u~^2) ||x|| ||w|| + eta (1 + u~) sqrt(D) (||x|| + ||w||)
-                                   + D eta^2                           (Cauchy-Schwarz)
-        float32 accumulation of D + 4 exact products <= gamma_{D+4} T,
-        T = ((1 + u~)||x|| + eta sqrt(D)) ((1 + u~)||w|| + eta sqrt(D))
-            + (1 + 2u~) (||x||^2 + ||w||^2) / 2                        (any summation order)
-        flushed products: (D + 4) 2^-126.
-
-    Output rounding (bfloat16 on CPU) is handled by the caller: |v - y_hat| <= u/(1-u) |y_hat|.
-    Arguments are float64 norms that broadcast; monotone in both, so a block's largest ``w_norm``
-    bounds all its rows.
-    """
-    u = _UNIT[dtype] + 2 * U32
-    eta = _TINY[dtype]
-    root = math.sqrt(dim)
-    product = (2 * u + u * u) * x_norm * w_norm
-    product = product + eta * (1 + u) * root * (x_norm + w_norm) + dim * eta * eta
-    squares = (x_norm.square() + w_norm.square()) / 2
-    total = ((1 + u) * x_norm + eta * root) * ((1 + u) * w_norm + eta * root)
-    total = total + (1 + 2 * u) * squares
-    bias = (2 * u * u + _gamma(dim + 2)) * squares
-    return product + bias + _gamma(dim + 4) * total + (dim + 4) * 2.0**-126
-
-
-def _fp32_bound(q_norm: torch.Tensor, b_norm: torch.Tensor, dim: int) -> torch.Tensor:
-    """Bound on ``|y_hat - (q . b - ||b||^2 / 2)|`` for ``addmm(-||b||^2/2, b, q)`` in float32.
-
-    The inputs are exact; the bias is float64 rounded once (u32 ||b||^2 / 2); the product and the
-    bias add are a float32 sum of D + 1 terms: gamma_{D+1} (||q|| ||b|| + ||b||^2 / 2) (Cauchy-
-    Schwarz), plus flushed subnormal products (D + 1) 2^-126.
-    """
-    half = b_norm.square() / 2
-    return (
-        _gamma(dim + 2) * (q_norm * b_norm + half) * (1 + U32) + U32 * half + (dim + 1) * 2.0**-126
-    )
-
-
-@functools.cache
-def _cpu_cache_bytes(level: int) -> int | None:
-    """Size of one core's data/unified cache at ``level`` (Linux sysfs), None if unknown."""
-    root = Path("/sys/devices/system/cpu/cpu0/cache")
-    try:
-        for index in root.glob("index*"):
-            kind = (index / "type").read_text().strip()
-            if int((index / "level").read_text()) == level and kind in ("Data", "Unified"):
-                text = (index / "size").read_text().strip().upper()
-                scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1], 1)
-                return int(text.rstrip("KMG")) * scale
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-def default_block_rows(device: torch.device, queries: int, itemsize: int) -> int:
-    """Bank rows per product: the ``(rows, queries)`` output tile fills the threads' L2 caches.
-
-    Pass 1 reads each tile right after the product writes it (the group maxima), while it is in
-    the L2 caches of the cores that wrote it. Measured on ELPV (25k x 152 bank, 784 queries, one
-    thread): 24.4-25.8 ms per image for 0.5-2 MB tiles, 28 / 40 / 62 ms for 4 / 8 / 16 MB; this
-    CPU has 1 MB of L2 per core. On CUDA, tiles of up to 2^26 values amortise kernel launches.
-    """
-    if device.type == "cuda":
-        rows = 2**26 // max(queries, 1)
-    else:
-        l2 = _cpu_cache_bytes(2) or 2**20
-        rows = l2 * torch.get_num_threads() // (max(queries, 1) * itemsize)
-    rows = max(256, min(rows, 2**20 if device.type == "cuda" else 16384))
-    return rows - rows % GROUP_ROWS
-
-
-def _time(fn, repeats: int = 3) -> float:
-    fn()
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-@functools.cache
-def low_precision_is_faster(device_type: str, dim: int, threads: int) -> bool:
-    """Whether pass 1 runs faster in low precision than in float32, measured once per process.
-
-    bfloat16 products use AMX tiles or AVX-512-BF16 where the CPU has them (4x float32 here at
-    D = 152 and 1024) and are emulated, slower, where it has not; so this times both products
-    on a pass-1-sized problem instead of reading CPU flags. Low precision must win by 25 %: its
-    candidate sets are wider.
-    """
-    del threads  # part of the cache key: the answer can change with the thread count
-    dtype = LOW_PRECISION.get(device_type)
-    if dtype is None:
-        return False
-    device = torch.device(device_type)
-    gen = torch.Generator(device=device).manual_seed(0)
-    rows, queries = 2048, 512
-    bank = torch.randn(rows, dim, generator=gen, device=device)
-    query = torch.randn(queries, dim, generator=gen, device=device)
-    bias = torch.randn(rows, 1, generator=gen, device=device)
-    low_bank = torch.randn(rows, dim + 4, generator=gen, device=device).to(dtype)
-    low_query = torch.randn(queries, dim + 4, generator=gen, device=device).to(dtype)
-
-    def sync(fn):
-        def run():
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-
-        return run
-
-    try:
-        low = _time(sync(lambda: _low_product(low_bank, low_query)))
-    except RuntimeError:  # no kernel for this dtype here
-        return False
-    full = _time(sync(lambda: torch.addmm(bias, bank, query.T)))
-    return low < 0.75 * full
-
-
-@contextlib.contextmanager
-def _faithful_products():
-    """Matrix products as the bounds assume them, whatever the process set, then restored.
-
-    float32 products in IEEE float32 (``torch.set_float32_matmul_precision("high")`` would let
-    CUDA use TF32 and oneDNN bfloat16 inside them) and half-precision CUDA products accumulated
-    in float32 (no reduced-precision reductions).
-    """
-    backends = (torch.backends.mkldnn.matmul, torch.backends.cuda.matmul)
-    saved = [b.fp32_precision for b in backends]
-    cuda = torch.backends.cuda.matmul
-    reduced = (
-        cuda.allow_fp16_reduced_precision_reduction,
-        cuda.allow_bf16_reduced_precision_reduction,
-    )
-    try:
-        for backend in backends:
-            backend.fp32_precision = "ieee"
-        cuda.allow_fp16_reduced_precision_reduction = False
-        cuda.allow_bf16_reduced_precision_reduction = False
-        yield
-    finally:
-        for backend, value in zip(backends, saved, strict=True):
-            backend.fp32_precision = value
-        cuda.allow_fp16_reduced_precision_reduction = reduced[0]
-        cuda.allow_bf16_reduced_precision_reduction = reduced[1]
-
-
-def _low_product(
-    bank_rows: torch.Tensor, queries: torch.Tensor, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``bank_rows @ queries.T`` in low precision: float32 output on CUDA, bfloat16 on CPU."""
-    if bank_rows.is_cuda:  # fp32 accumulation and output: no fp16 reduced-precision reduction
-        return torch.mm(bank_rows, queries.T, out_dtype=torch.float32)
-    return torch.mm(bank_rows, queries.T, out=out)
 
 
 class ExactSearch:
@@ -221,7 +50,8 @@ class ExactSearch:
         precision: ``auto`` (low precision where measured faster, see
             :func:`low_precision_is_faster`), ``float32``, ``bfloat16`` (CPU) or ``float16``
             (CUDA). Results are the same for all; only speed differs.
-        block_rows: bank rows per product (None = :func:`default_block_rows`).
+        block_rows: bank rows per product (None = :func:`default_block_rows`), rounded down to a
+            multiple of ``GROUP_ROWS``.
         query_rows: queries per chunk (None = as many as keep the group maxima within
             ``GROUP_STATS_BYTES``, at least 256).
     """
@@ -304,7 +134,7 @@ class ExactSearch:
             empty = queries.new_empty(0, k)
             return empty, empty.long()
         step = self._chunk_rows(len(queries))
-        with _faithful_products():
+        with faithful_products():
             parts = [self._search_chunk(chunk, k) for chunk in queries.split(step)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
@@ -352,7 +182,7 @@ class ExactSearch:
         n, dim = queries.shape
         x = (queries - self._centre).mul_(self._scale)  # exact scaling; centring rounds <= u32
         square = torch.linalg.vecdot(x, x).double()  # float32 sum: relative error <= gamma_D
-        x_norm = (square * (1 + _gamma(dim))).sqrt()
+        x_norm = (square * (1 + gamma(dim))).sqrt()
         half = -square / 2
         high = half.to(self.dtype)
         xq = torch.empty(n, dim + 4, dtype=self.dtype, device=x.device)
@@ -374,17 +204,17 @@ class ExactSearch:
         dim = xq.shape[1] - 4
 
         def product(start, stop, out):
-            return _low_product(self._low_bank[start:stop], xq, out)
+            return low_product(self._low_bank[start:stop], xq, out)
 
         out_dtype = torch.float32 if xq.is_cuda else self.dtype
-        out_unit = 0.0 if xq.is_cuda else _UNIT[self.dtype]
+        out_unit = 0.0 if xq.is_cuda else UNIT[self.dtype]
         # x_norm is measured on the float32 centring of q: inflated by 2^-20 for its rounding;
         # an output below the normal range rounds by up to the output's tiny.
         x_bound = x_norm[None] * (1 + 2.0**-20)
 
         def bound(block_norm):
-            error = _low_precision_bound(x_bound, block_norm[:, None], dim, self.dtype)
-            return error + _TINY[out_dtype]
+            error = low_precision_bound(x_bound, block_norm[:, None], dim, self.dtype)
+            return error + TINY[out_dtype]
 
         return self._pass1(product, self._w_norm, bound, len(xq), k, out_dtype, out_unit)
 
@@ -396,7 +226,7 @@ class ExactSearch:
             return torch.addmm(self._bias[start:stop], self.bank[start:stop], queries.T, out=out)
 
         def bound(block_norm):
-            return _fp32_bound(q_norm[None], block_norm[:, None], dim)
+            return fp32_bound(q_norm[None], block_norm[:, None], dim)
 
         return self._pass1(product, self._norm, bound, len(queries), k, torch.float32, 0.0)
 
@@ -451,7 +281,7 @@ class ExactSearch:
         query, d32 = query.repeat_interleave(GROUP_ROWS), d32.flatten()
         valid = rows < len(self.bank)  # the last group may be short
         query, rows, d32 = query[valid], rows[valid], d32[valid]
-        rho = 2 * _gamma(dim + 3)
+        rho = 2 * gamma(dim + 3)
         if k == 1:
             kth = torch.full((n,), math.inf, device=d32.device).scatter_reduce(
                 0, query, d32, "amin"
