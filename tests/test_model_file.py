@@ -70,7 +70,7 @@ def test_model_file_holds_tensors_and_metadata_and_reproduces_the_run(trained_ru
     assert len(backbone["sha256"]) == 64 and backbone["stored_in_file"] is False
     assert meta["thresholds"]["normalization"] == "threshold"
     assert meta["preprocessing"]["resize"] == [96, 96]
-    assert meta["tensors"]["resizable"] == ["model.memory_bank"]
+    assert meta["tensors"]["resizable"] == ["model.bank_neighbors", "model.memory_bank"]
     stored = load_file(path)
     assert not any(".extractor.net." in k for k in stored)  # frozen weights are rebuilt, not stored
     assert {"model.memory_bank", "calibration.image_threshold"} <= stored.keys()
@@ -78,6 +78,10 @@ def test_model_file_holds_tensors_and_metadata_and_reproduces_the_run(trained_ru
 
     loaded = load_model(trained_run)
     assert torch.equal(loaded.system.model.memory_bank, stored["model.memory_bank"])
+    # Eq. 7's bank neighbours were found at fit time and come back as stored, not searched again.
+    neighbours = stored["model.bank_neighbors"]
+    assert neighbours.shape == (len(stored["model.memory_bank"]), loaded.system.model.k)
+    assert torch.equal(loaded.system.model.bank_neighbors, neighbours)
     # The scores the run reported came from this very loader; they come out the same again.
     saved = {
         p["path"]: p["score"] for p in json.loads((trained_run / "predictions.json").read_text())
@@ -141,9 +145,17 @@ def test_unknown_format_wrong_tensors_and_foreign_files_are_refused(trained_run,
     missing = planted("missing", tensors=lambda t: t.pop(scalar) is None)
     with pytest.raises(ModelFileError, match="missing tensors \\['calibration.image_threshold'\\]"):
         load_model(missing)
-    # A declared resizable buffer may change its leading size: a smaller bank loads.
+    # A declared resizable buffer may change its leading size: a smaller bank loads, and its
+    # bank neighbours, which no longer fit it, are found again for it.
     fewer = planted("fewer", tensors=lambda t: t.update({bank: t[bank][:50].clone()}))
-    assert load_model(fewer).system.model.memory_bank.shape[0] == 50
+    small = load_model(fewer).system.model
+    assert small.memory_bank.shape[0] == 50 and small.bank_neighbors.shape == (50, small.k)
+    assert int(small.bank_neighbors.max()) < 50
+    # A file written before the neighbours were stored (a derived buffer) loads; they are found
+    # again, equal to the stored ones.
+    neighbours = "model.bank_neighbors"
+    older = planted("older", tensors=lambda t: t.pop(neighbours) is None)
+    assert torch.equal(load_model(older).system.model.bank_neighbors, load_file(source)[neighbours])
 
     plain = tmp_path / "plain.safetensors"
     save_file({"w": torch.zeros(2)}, plain)

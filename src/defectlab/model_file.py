@@ -30,7 +30,7 @@ from defectlab.build import build_run_system
 from defectlab.components.backbone import FeatureExtractor, frozen_weight_keys
 from defectlab.config_targets import check_config_targets
 from defectlab.errors import BackboneWeightsError, ConfigError, ModelFileError
-from defectlab.models.protocols import ResizableBuffers
+from defectlab.models.protocols import DerivedBuffers, ResizableBuffers
 from defectlab.provenance import git_state
 from defectlab.results import atomic_target
 from defectlab.systems import AnomalySystem
@@ -164,13 +164,22 @@ def _backbones(system: AnomalySystem) -> list[dict[str, Any]]:
     ]
 
 
-def resizable_keys(system: AnomalySystem) -> set[str]:
-    """State keys whose first dimension may differ from a fresh model's (ResizableBuffers)."""
+def _declared_keys(system: AnomalySystem, protocol: type, attribute: str) -> set[str]:
     keys = set()
     for name, module in system.named_modules():
-        if isinstance(module, ResizableBuffers):
-            keys.update(f"{name}.{b}" if name else b for b in module.resizable_buffers)
+        if isinstance(module, protocol):
+            keys.update(f"{name}.{b}" if name else b for b in getattr(module, attribute))
     return keys
+
+
+def resizable_keys(system: AnomalySystem) -> set[str]:
+    """State keys whose first dimension may differ from a fresh model's (ResizableBuffers)."""
+    return _declared_keys(system, ResizableBuffers, "resizable_buffers")
+
+
+def derived_keys(system: AnomalySystem) -> set[str]:
+    """State keys a file may lack: the module computes them on load (DerivedBuffers)."""
+    return _declared_keys(system, DerivedBuffers, "derived_buffers")
 
 
 def save_model(
@@ -326,7 +335,9 @@ def _check_tensors(
     expected = {k: v for k, v in system.state_dict().items() if k not in frozen}
     want = {k for k, v in expected.items() if isinstance(v, torch.Tensor)}
     want_extra = set(expected) - want
-    missing, unexpected = sorted(want - tensors.keys()), sorted(tensors.keys() - want)
+    # A derived buffer absent from an older file is computed by its module on load.
+    missing = sorted(want - tensors.keys() - derived_keys(system))
+    unexpected = sorted(tensors.keys() - want)
     if missing or unexpected:
         raise ModelFileError(
             f"{path} does not fit the model its config builds: missing tensors {missing[:5]}, "
@@ -339,7 +350,7 @@ def _check_tensors(
             f"{sorted(want_extra)}; retrain the model."
         )
     resizable = resizable_keys(system)
-    for key in sorted(want):
+    for key in sorted(want & tensors.keys()):
         ref, got = expected[key], tensors[key]
         if got.dtype != ref.dtype:
             raise ModelFileError(

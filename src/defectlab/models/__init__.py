@@ -5,12 +5,13 @@ from defectlab.models.ensemble import PatchCoreEnsemble, build_patchcore
 from defectlab.models.feature_knn import FeatureKNN
 from defectlab.models.output import AnomalyOutput
 from defectlab.models.patchcore import PatchCore
-from defectlab.models.protocols import ResizableBuffers
+from defectlab.models.protocols import DerivedBuffers, ResizableBuffers
 from defectlab.models.unet import UNet
 
 __all__ = [
     "AnomalyOutput",
     "ConvAutoencoder",
+    "DerivedBuffers",
     "FeatureKNN",
     "PatchCore",
     "PatchCoreEnsemble",

@@ -49,6 +49,9 @@ class PatchCore(nn.Module):
 
     # models.protocols.ResizableBuffers: the bank's row count comes from the saved model.
     resizable_buffers: tuple[str, ...] = ("memory_bank", "bank_neighbors")
+    # models.protocols.DerivedBuffers: the neighbours follow from the bank; a file written before
+    # they were stored loads, and they are found again then.
+    derived_buffers: tuple[str, ...] = ("bank_neighbors",)
 
     def __init__(
         self,
@@ -225,8 +228,10 @@ class PatchCore(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
         )
         key = prefix + "bank_neighbors"
-        if self.is_fitted and key not in state_dict:
-            # Saved before the neighbours were stored (a converted old checkpoint): found again.
+        stale = self.bank_neighbors.shape != (len(self.memory_bank), self.k)
+        if self.is_fitted and (key not in state_dict or stale):
+            # Saved before the neighbours were stored (an older model file, an old checkpoint
+            # being converted), or a state dict of another model.k: found again.
             if key in missing_keys:
                 missing_keys.remove(key)
             self.bank_neighbors = self._bank_neighbors()

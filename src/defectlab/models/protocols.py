@@ -50,3 +50,15 @@ class ResizableBuffers(Protocol):
     """
 
     resizable_buffers: tuple[str, ...]
+
+
+@runtime_checkable
+class DerivedBuffers(Protocol):
+    """A module whose named persistent buffers are computed from its other state.
+
+    They are stored so that loading costs no work, but a model file written before such a buffer
+    existed lacks it: the loader accepts that, and the module computes the buffer in
+    ``_load_from_state_dict`` (e.g. PatchCore's ``bank_neighbors`` from its memory bank).
+    """
+
+    derived_buffers: tuple[str, ...]
