@@ -229,6 +229,27 @@ def test_k_larger_than_bank_and_bad_settings_are_config_errors():
         NearestNeighbors("ivf", pca_dim=32).fit(torch.randn(100, 32))
 
 
+@pytest.mark.parametrize("k", [1, 9])
+def test_cuda_precision_float16_is_exact_on_cpu(k):
+    # float16 is CUDA's low precision; CPU runs the same code with a float16 output (its rounding
+    # is in the bound), so the power-of-two scaling into float16's range and the float32 fallback
+    # of queries beyond it are tested without a GPU. Not a multiple of the block.
+    g = torch.Generator().manual_seed(k)
+    bank = torch.randn(1001, 24, generator=g) * 3 + 1
+    queries = torch.randn(300, 24, generator=g) * 3 + 1
+    queries[:5] *= 100  # ||q - c|| beyond float16's range after scaling: searched in float32
+    search = ExactSearch(bank, "float16", block_rows=100)
+    assert search._scale != 1 and int(search._fits(search._low_queries(queries)[1]).sum()) == 295
+    assert_exact(search.search, queries, bank, k)
+
+
+def test_cuda_block_rows_fill_a_large_tile():
+    cuda = torch.device("cuda")  # arithmetic only: no device is touched
+    assert default_block_rows(cuda, 784, 2) == 2**26 // 784
+    assert default_block_rows(cuda, 10**8, 2) == 256
+    assert default_block_rows(cuda, 1, 2) == 2**20
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("precision", ["float32", "float16", "bfloat16"])
 def test_exact_search_on_cuda(precision):
