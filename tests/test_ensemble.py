@@ -104,7 +104,8 @@ def test_ensemble_trains_and_tests_from_the_composed_config(make_cfg, synthetic_
     assert results["metrics"]["pixel_auroc"] > 0.9
 
     # The model file: every member's backbone recorded with its own checksum, no frozen weights,
-    # every member's bank stored (and resizable), the normalisation statistics with them.
+    # every member's bank and Eq. 7 bank neighbours stored (and resizable), the normalisation
+    # statistics with them.
     meta = read_metadata(results["model_file"])
     backbones = {b["module"]: b for b in meta["backbones"]}
     assert set(backbones) == {f"model.members.{m}.extractor" for m in ("lite0", "lite1")}
@@ -113,10 +114,17 @@ def test_ensemble_trains_and_tests_from_the_composed_config(make_cfg, synthetic_
         != (backbones["model.members.lite1.extractor"]["sha256"])
     )
     banks = [f"model.members.{m}.memory_bank" for m in ("lite0", "lite1")]
-    assert meta["tensors"]["resizable"] == banks
+    neighbours = [f"model.members.{m}.bank_neighbors" for m in ("lite0", "lite1")]
+    assert meta["tensors"]["resizable"] == sorted(banks + neighbours)
     stored = load_file(results["model_file"])
     assert not any(".net." in key for key in stored)
-    assert {*banks, "model.score_mean", "model.map_std", "model.normalized"} <= stored.keys()
+    assert {
+        *banks,
+        *neighbours,
+        "model.score_mean",
+        "model.map_std",
+        "model.normalized",
+    } <= stored.keys()
 
 
 def test_ensemble_without_held_out_images_is_refused_before_any_work(
