@@ -131,3 +131,21 @@ def test_patchcore_variants_scores_label_free_and_tables(trained_run, tmp_path):
     result = json.loads((out / "patchcore_variants.json").read_text())
     assert set(result["runs"]) == {"paper", "native", "native_k1"}
     assert "| native_k1 |" in (out / "patchcore_variants.md").read_text()
+
+
+def test_search_exactness_matches_a_float64_brute_force(trained_run, tmp_path):
+    cmd = [
+        sys.executable,
+        "benchmarks/search_exactness.py",
+        str(trained_run),
+        "--out",
+        str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "search_exactness.json").read_text())
+    assert result["images"] == 25 and result["k"] == 9
+    brute = result["brute_fp64"]  # the model's scores are the float64 brute force's, bit for bit
+    assert brute["image_scores_identical"] and brute["auroc_bit_identical"]
+    assert brute["patches_with_another_nearest_row"] == 0
+    assert result["faiss_fp32"]["max_image_score_difference"] < 1e-4
