@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from _common import write_outputs
-from patchcore_speed import _timed, compose_config
+from patchcore_speed import _timed, compose_config, set_clock
 
 from defectlab.build import build
 
@@ -50,8 +50,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=20, help="batch-1 forwards timed")
     parser.add_argument("--speed", type=Path, help="patchcore_speed.json to compare with")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: CPU time")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
+    set_clock(args.threads, args.clock)
     row = measure(args.overrides, args.batch, args.repeats)
     floor = row["images_per_s"]
     lines = [
