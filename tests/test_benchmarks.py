@@ -133,7 +133,7 @@ def test_patchcore_variants_scores_label_free_and_tables(trained_run, tmp_path):
     assert "| native_k1 |" in (out / "patchcore_variants.md").read_text()
 
 
-def test_search_exactness_matches_a_float64_brute_force(trained_run, tmp_path):
+def test_search_exactness_matches_a_float64_brute_force(trained_run, synthetic_root, tmp_path):
     cmd = [
         sys.executable,
         "benchmarks/search_exactness.py",
@@ -144,7 +144,8 @@ def test_search_exactness_matches_a_float64_brute_force(trained_run, tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "search_exactness.json").read_text())
-    assert result["images"] == 25 and result["k"] == 9
+    test_images = list((synthetic_root / "brick" / "test").rglob("*.png"))
+    assert result["images"] == len(test_images) and result["k"] == 9
     brute = result["brute_fp64"]  # the model's scores are the float64 brute force's, bit for bit
     assert brute["image_scores_identical"] and brute["auroc_bit_identical"]
     assert brute["patches_with_another_nearest_row"] == 0
