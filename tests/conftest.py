@@ -22,8 +22,6 @@ CONF = ROOT / "conf"
 FAST = [
     "debug=tiny",  # conf/debug/tiny.yaml: synthetic data at 96 px, no logger
     "data.prepare=null",  # use the session fixture's folder as it is (no rewrite)
-    "embedding.target_embed_dim=256",
-    "embedding.pretrain_embed_dim=256",
 ]
 
 

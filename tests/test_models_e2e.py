@@ -18,11 +18,7 @@ DATA = [o for o in FAST if not o.startswith("model.")]
 # Tiny networks and two epochs: the path, not the accuracy, is under test here.
 TRAINED = ["model.channels=4", "model.depth=2", "model.fit.max_epochs=2"]
 MODELS = {
-    "patchcore": [
-        "model=patchcore",
-        "embedding.target_embed_dim=256",
-        "embedding.pretrain_embed_dim=256",
-    ],
+    "patchcore": ["model=patchcore"],
     "feature_knn": ["model=feature_knn"],
     "cae": ["model=cae", "model.latent_dim=4", *TRAINED],
     "unet": ["model=unet", "model.decoder_channels=8", *TRAINED],

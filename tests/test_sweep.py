@@ -149,8 +149,6 @@ def test_optuna_search_maximises_the_validation_metric_not_a_test_metric(uneven_
             "data.prepare=null",
             f"data.root={uneven_root}",
             "data.category=brick",
-            "embedding.target_embed_dim=128",
-            "embedding.pretrain_embed_dim=128",
             "logger=none",
             "eval.images.max_per_type=0",
             "eval.plots=false",
@@ -159,13 +157,17 @@ def test_optuna_search_maximises_the_validation_metric_not_a_test_metric(uneven_
     assert proc.returncode == 0, proc.stderr[-3000:]
     best = OmegaConf.load(sweep / "optimization_results.yaml")
     trials = [json.loads((sweep / j / "results.json").read_text()) for j in ("0", "1")]
-    values = [t["validation"]["val_synthetic_auroc"] for t in trials]
+    values = [t["validation"]["val_synthetic_pixel_auroc"] for t in trials]
     assert best.best_value == pytest.approx(max(values))
     assert set(best.best_params) == {
         "sampler.ratio",
         "model.k",
         "model.blur_sigma",
         "data.image_size",
+        "embedding",
+        "backbone",
     }
+    for trial in trials:  # each trial ran the embedding and backbone the sweeper chose
+        assert trial["embedding"] in ("native", "paper")
     rows = list(csv.DictReader((sweep / "summary.csv").open()))
     assert sum(r["kind"] == "job" and r["status"] == "completed" for r in rows) == 2
