@@ -52,10 +52,14 @@ def summarize(
     """Every metric of a test run, overall and for each defect type (its images + all good ones).
 
     Args:
-        scores: ``(N,)`` raw image scores; ``labels``: ``(N,)`` 0 good / 1 defective.
+        scores: ``(N,)`` raw image scores.
+        labels: ``(N,)`` 0 good / 1 defective.
         defect_types: ``N`` folder names (``good`` for defect-free images).
-        image_threshold / pixel_threshold: deployed thresholds in raw units (held-out calibrated).
-        maps / masks: ``(N, 1, H, W)`` when the data have ground-truth masks.
+        image_threshold: deployed image threshold in raw units (held-out calibrated).
+        maps: ``(N, 1, H, W)`` anomaly maps, when the data have ground-truth masks.
+        masks: ``(N, 1, H, W)`` ground-truth masks, with ``maps``.
+        pixel_threshold: deployed pixel threshold in raw units (held-out calibrated).
+        max_fpr: FPR limit of AUPRO (``eval.max_fpr``).
         bootstrap: ``eval.bootstrap`` (``n_resamples``, ``confidence``, ``seed``); None = no CI.
 
     Returns:
