@@ -1,6 +1,6 @@
 """Decoding images and masks with defined behaviour for every odd file, and the pre-run file check.
 
-What each kind of input becomes (README: "Image formats and bad files"):
+What each kind of input becomes (docs/data.md, "Image formats and bad files"):
 
 - grayscale (``L``, ``1``), palette (``P``), ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``: converted to RGB;
 - ``RGBA`` / ``LA`` / ``PA`` / palette with transparency: the alpha channel is dropped (colours kept);

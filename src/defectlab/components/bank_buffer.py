@@ -54,7 +54,7 @@ class EmbeddingBuffer:
     With ``chunk`` set, the buffer holds at most ``chunk`` rows in memory: each time it fills,
     ``reduce`` (the coreset) keeps its share of that chunk and the buffer is reused, so memory no
     longer grows with the dataset. The kept rows are the union of per-chunk coresets, which covers
-    the data a little less evenly than one coreset over everything (README: chunked coreset).
+    the data a little less evenly than one coreset over everything (docs/methods/patchcore.md: chunked coreset).
 
     Args:
         total: rows expected over the whole pass (sizes the buffer when ``chunk`` is None).
