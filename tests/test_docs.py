@@ -226,3 +226,6 @@ def test_site_builds_strict(tmp_path):
         + result.stderr
     )
     assert (tmp_path / "site" / "getting-started" / "own-images" / "index.html").is_file()
+    reference = (tmp_path / "site" / "config-files" / "index.html").read_text()
+    for path in CONF.rglob("*.yaml"):  # the hook lists every config file
+        assert path.relative_to(ROOT).as_posix() in reference
