@@ -171,14 +171,19 @@ def plot_confusion(confusion: Mapping[str, int | None], path: Path) -> Path:
     return _save(fig, path)
 
 
+PER_TYPE_KEYS = ("image_auroc", "image_recall", "pixel_aupro")
+
+
+def _defect_types(per_type: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], list[str]]:
+    """Defect types (``<category>/<type>``, not ``good``) and the metrics any of them has."""
+    types = [t for t in per_type if t.rsplit("/", 1)[-1] != "good"]
+    keys = [k for k in PER_TYPE_KEYS if any(per_type[t].get(k) is not None for t in types)]
+    return types, keys
+
+
 def plot_per_type(per_type: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
     """Bars per defect type: image AUROC, recall at the threshold and (with masks) AUPRO."""
-    types = [t for t in per_type if t != "good"]
-    keys = [
-        k
-        for k in ("image_auroc", "image_recall", "pixel_aupro")
-        if any(per_type[t].get(k) is not None for t in types)
-    ]
+    types, keys = _defect_types(per_type)
     fig, ax = _axes(max(4.0, 1.1 * len(types) + 2), 3.9)
     width = 0.8 / max(1, len(keys))
     for i, key in enumerate(keys):
@@ -204,10 +209,11 @@ def save_run_plots(
             results["threshold"]["image_threshold"],
             folder / "score_histogram.png",
         ),
-        "per_defect_type": plot_per_type(
-            results["per_defect_type"], folder / "per_defect_type.png"
-        ),
     }
+    if _defect_types(results["per_defect_type"])[1]:  # a test set of good images only has none
+        plots["per_defect_type"] = plot_per_type(
+            results["per_defect_type"], folder / "per_defect_type.png"
+        )
     if results["confusion_matrix"]["tp"] is not None:
         plots["confusion"] = plot_confusion(results["confusion_matrix"], folder / "confusion.png")
     return plots
