@@ -204,6 +204,14 @@ def test_readme_test_command_is_what_ci_runs():
     assert [line.strip() for line in block.strip().splitlines()] == ci_tests
 
 
+def test_readme_links_reach_files():
+    """README's relative links (to docs pages, GitHub renders them) point at files that exist."""
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", README.read_text())
+    local = [t for t in targets if "://" not in t]
+    assert len(local) >= 10
+    assert [t for t in local if not (ROOT / t).is_file()] == []
+
+
 def test_readme_is_short():
     lines = len(README.read_text().splitlines())
     assert lines <= README_MAX_LINES, f"README.md has {lines} lines: move detail into docs/"
