@@ -35,8 +35,8 @@ COARSE_SIDE = 64  # synthetic validation maps/masks are pooled to at most this s
 def _coarse(maps: torch.Tensor) -> torch.Tensor:
     """Average-pool ``(B, 1, H, W)`` maps so the longer side is at most ``COARSE_SIDE``.
 
-    Maps are Gaussian-blurred (sigma 4 px at 224 px), so pooling by 4 hardly changes their
-    ranking, while 1,000 held-out images x 4 repeats at full size would hold 800 MB.
+    PatchCore's maps are Gaussian-blurred (sigma 4 px), so pooling a 224 px map by 4 hardly
+    changes their ranking, while 1,000 held-out images x 4 repeats at full size would hold 800 MB.
     """
     factor = max(1, -(-max(maps.shape[-2:]) // COARSE_SIDE))
     return F.avg_pool2d(maps, factor, ceil_mode=True) if factor > 1 else maps
@@ -169,7 +169,8 @@ class AnomalySystem(L.LightningModule):
             # unit_interval: torchmetrics would squash scores outside [0, 1] with a sigmoid.
             out["val_synthetic_auroc"] = float(binary_auroc(unit_interval(scores), labels))
             # Pixel AUROC over the pasted images' maps: how well the model localises defects it
-            # has never seen; ranks configurations by test pixel metrics (docs/methods/patchcore.md).
+            # has never seen. How far it ranks configurations like test metrics do, per data set:
+            # docs/methods/patchcore-features.md#label-free-model-selection
             masks = good["synthetic_mask"].flatten()
             if both_classes(masks, "synthetic validation masks"):
                 maps = unit_interval(good["synthetic_map"].flatten())
