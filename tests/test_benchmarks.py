@@ -79,7 +79,7 @@ def test_knn_search_benchmark_scores_options_against_exact(trained_run, tmp_path
     exact, ivf_all, factory_all, projected = result["rows"]
     for row in (exact, ivf_all, factory_all):  # every cell probed: exact
         assert row["recall"] == 1.0 and row["mean_image_max_excess"] == pytest.approx(0, abs=1e-6)
-    # 2 of 1024 dimensions, one cell of four, no re-rank: misses, which only raise distances
+    # 2 of 152 dimensions, one cell of four, no re-rank: misses, which only raise distances
     assert projected["recall"] < 0.99 and projected["mean_distance_excess"] > 0
     assert all(r["ms_per_image_after_forward"] > 0 for r in result["rows"])
     assert "| `faiss=PCA2,IVF4,Flat nprobe=1` |" in proc.stdout
