@@ -121,7 +121,9 @@ def test_fit_streams_into_the_buffer_float16_and_chunked(make_cfg, synthetic_roo
     mem = runs["exact"]["memory"]
     n_vectors = runs["exact"]["counts"]["train"] * 12 * 12
     assert mem["train_vectors"] == n_vectors and mem["buffer_dtype"] == "float32"
-    assert mem["buffer_mb"] == pytest.approx(n_vectors * 256 * 4 / 2**20)
+    dim = mem["bank_shape"][1]  # native features: 152 for lite0 blocks.2 + blocks.4
+    assert dim == mem["dim"] == 152
+    assert mem["buffer_mb"] == pytest.approx(n_vectors * dim * 4 / 2**20)
     assert mem["expected_bank_rows"] == mem["bank_shape"][0] == -(-n_vectors // 10)
     assert runs["half"]["memory"]["buffer_mb"] == pytest.approx(mem["buffer_mb"] / 2)
     # Disk: the same bank (exact), nothing of it held in memory while extracting.
@@ -131,7 +133,7 @@ def test_fit_streams_into_the_buffer_float16_and_chunked(make_cfg, synthetic_roo
     assert disk["memory"]["bank_shape"] == mem["bank_shape"]
     chunked = runs["chunked"]["memory"]
     assert chunked["chunk_vectors"] == 1000 and chunked["buffer_mb"] == pytest.approx(
-        1000 * 256 * 4 / 2**20
+        1000 * dim * 4 / 2**20
     )
     expected_rows = sum(-(-min(1000, n_vectors - s) // 10) for s in range(0, n_vectors, 1000))
     assert chunked["bank_shape"][0] == chunked["expected_bank_rows"] == expected_rows
