@@ -36,7 +36,7 @@ from omegaconf import OmegaConf
 
 from defectlab.build import build, build_model
 from defectlab.models.output import predict_in_slices
-from defectlab.systems.memory_bank import embedding_rows
+from defectlab.systems.bank_fitting import embedding_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -102,8 +102,8 @@ def score(run_dir: Path, generator: str, repeats: int) -> dict[str, float]:
     system.evaluation["validation_repeats"] = repeats
     datamodule = instantiate(loaded.config.data)
     trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    trainer.validate(system, datamodule=datamodule, verbose=False)
-    done[key] = {k: system.validation_metrics.get(k) for k in VAL_METRICS}
+    metrics = system.validate(trainer, datamodule).metrics
+    done[key] = {k: metrics.get(k) for k in VAL_METRICS}
     cache.write_text(json.dumps(done, indent=1))
     return done[key]
 

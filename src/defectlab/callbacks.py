@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 
+from defectlab.data.batch import Batch
 from defectlab.errors import ConfigError
 from defectlab.visualize import display_image, image_panel
+
+if TYPE_CHECKING:
+    from defectlab.systems import AnomalySystem
 
 
 class AnomalyImageWriter(L.Callback):
@@ -40,9 +44,9 @@ class AnomalyImageWriter(L.Callback):
     def on_test_batch_end(
         self,
         trainer: L.Trainer,
-        pl_module: L.LightningModule,
+        pl_module: AnomalySystem,
         outputs: Any,
-        batch: dict,
+        batch: Batch,
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
@@ -65,7 +69,7 @@ class AnomalyImageWriter(L.Callback):
             mask = batch["mask"][i, 0].bool().cpu().numpy() if "mask" in batch else None
             verdict = "DEFECTIVE" if bool(decisions[i]) else "good"
             title = f"{defect_type} | {float(normalized[i]):.2f} / thr {thr_norm:.2f} -> {verdict}"
-            localizes = getattr(pl_module, "localizes", True)
+            localizes = pl_module.localizes
             panel = image_panel(
                 display_image(batch["image"][i]),
                 maps[i, 0].numpy() if localizes else None,

@@ -89,6 +89,7 @@ class EmbeddingBuffer:
         if storage == "disk" and project is None:
             raise ValueError("a disk EmbeddingBuffer needs a project function")
         self.dim, self.dtype, self.storage = dim, dtype, storage
+        self.chunk = chunk  # rows per chunk (None = one final reduction)
         self.chunked = chunk is not None
         self.reduce, self.project = reduce, project
         self.filled = 0

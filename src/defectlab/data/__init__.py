@@ -2,9 +2,11 @@
 
 ``layout`` scans the folders (also for the dataset report and defect-type classification),
 ``splits`` holds the seeded held-out and labeled-defect splits, ``transforms`` the pre-processing
-shared by training, inference and export, ``datamodule`` the dataset and the DataModule.
+shared by training, inference and export, ``datamodule`` the dataset and the DataModule,
+``batch`` the typed batch they yield.
 """
 
+from defectlab.data.batch import Batch, ImageBatch, Item
 from defectlab.data.datamodule import BAD_FILE_POLICIES, AnomalyDataModule, AnomalyDataset
 from defectlab.data.layout import (
     GOOD,
@@ -32,7 +34,10 @@ __all__ = [
     "MASK_SUFFIX",
     "AnomalyDataModule",
     "AnomalyDataset",
+    "Batch",
     "CategoryIndex",
+    "ImageBatch",
+    "Item",
     "Sample",
     "build_transform",
     "check_no_overlap",

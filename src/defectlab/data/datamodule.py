@@ -1,7 +1,7 @@
 """The dataset and the one DataModule every model shares.
 
-Batches are dicts with ``image`` (B, 3, H, W) in [0, 1], ``label`` (0 good / 1 defective),
-``mask`` (B, 1, H, W) when the category has masks, ``defect_type`` and ``path``.
+Batches are :class:`~defectlab.data.batch.Batch` dicts: ``image`` (B, 3, H, W) in [0, 1], ``label``
+(0 good / 1 defective), ``mask`` (B, 1, H, W) when the category has masks, ``defect_type``, ``path``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 
+from defectlab.data.batch import Item
 from defectlab.data.layout import (
     CategoryIndex,
     Sample,
@@ -53,22 +54,26 @@ class AnomalyDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> Item:
         s = self.samples[index]
         pil = load_image(s.path, self.limits)
         image = image_tensor(pil)
-        item = {"label": s.label, "defect_type": s.defect_type, "path": str(s.path)}
         if not self.with_masks:
-            item["image"] = self.transform(image)
-            return item
+            return Item(
+                image=self.transform(image), label=s.label, defect_type=s.defect_type, path=str(s.path)
+            )
         if s.mask_path is None:
             mask = np.zeros((pil.height, pil.width), dtype=bool)
         else:
             mask = load_mask(s.mask_path, pil.size, s.path, self.limits)
         image, mask_t = self.transform(image, tv_tensors.Mask(torch.from_numpy(mask).unsqueeze(0)))
-        item["image"] = image
-        item["mask"] = mask_t.to(torch.uint8)
-        return item
+        return Item(
+            image=image,
+            label=s.label,
+            mask=mask_t.to(torch.uint8),
+            defect_type=s.defect_type,
+            path=str(s.path),
+        )
 
 
 class AnomalyDataModule(L.LightningDataModule):

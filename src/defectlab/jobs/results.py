@@ -11,8 +11,10 @@ from omegaconf import OmegaConf
 from defectlab.components import FeatureExtractor
 from defectlab.jobs.setup import Job
 from defectlab.models import PatchCore
+from defectlab.models.protocols import MemoryBankModel
 from defectlab.provenance import provenance
 from defectlab.results import peak_rss_mb
+from defectlab.systems.reports import TestReport
 
 
 def _uses(model: torch.nn.Module, kind: type) -> bool:
@@ -20,19 +22,25 @@ def _uses(model: torch.nn.Module, kind: type) -> bool:
     return any(isinstance(module, kind) for module in model.modules())
 
 
-def assemble_results(
-    job: Job, tested: dict[str, Any], model_file: Path, test_s: float, extra: dict[str, Any]
-) -> dict[str, Any]:
-    """The results dict of ``job`` after testing (``tested``: the system's test summary).
+def _bank(model: torch.nn.Module) -> torch.Tensor | None:
+    """The memory bank of a one-bank model; None for trained models and ensembles (several)."""
+    banks = model.bank_models() if isinstance(model, MemoryBankModel) else []
+    return banks[0].memory_bank if len(banks) == 1 else None
 
-    ``extra`` adds top-level entries; its ``timing``, ``memory`` and ``counts`` are merged into
-    those sections.
+
+def assemble_results(
+    job: Job, tested: TestReport, model_file: Path, test_s: float, extra: dict[str, Any]
+) -> dict[str, Any]:
+    """The results dict of ``job`` after testing (``tested``: the system's test report).
+
+    ``extra`` adds top-level entries (``validation``: the fit's metrics, else none); its
+    ``timing``, ``memory`` and ``counts`` are merged into those sections.
     """
     extra = dict(extra)
     cfg, system, datamodule = job.cfg, job.system, job.datamodule
     category = cfg.data.category
     n_test = len(datamodule.test_set)
-    bank = getattr(system.model, "memory_bank", None)
+    bank = _bank(system.model)
     return {
         "status": "completed",
         "category": category,
@@ -42,14 +50,15 @@ def assemble_results(
         "backbone": cfg.backbone_name if _uses(system.model, FeatureExtractor) else None,
         # Patch-feature layout (embedding= group) of PatchCore; earlier runs had the paper's.
         "embedding": cfg.get("embedding_name") if _uses(system.model, PatchCore) else None,
-        "metrics": tested["metrics"],
+        "metrics": tested.metrics,
         # Held-out validation metrics (never the test set): what hyper-parameter searches optimise.
-        "validation": dict(system.validation_metrics),
-        "confusion_matrix": tested["confusion_matrix"],
-        "oracle": tested["oracle"],
-        "localization": tested["localization"],
-        "per_defect_type": {f"{category}/{k}": v for k, v in tested["per_defect_type"].items()},
-        "threshold": tested["threshold"],
+        # Set by the training job from its fit report; a re-test has none of its own.
+        "validation": extra.pop("validation", {}),
+        "confusion_matrix": tested.confusion_matrix,
+        "oracle": tested.oracle,
+        "localization": tested.localization,
+        "per_defect_type": {f"{category}/{k}": v for k, v in tested.per_defect_type.items()},
+        "threshold": tested.threshold,
         "timing": {
             **extra.pop("timing", {}),
             "test_s": test_s,

@@ -13,6 +13,7 @@ from defectlab.build import build, build_run_system, check_input_size
 from defectlab.callbacks import AnomalyImageWriter
 from defectlab.errors import ConfigError
 from defectlab.models import PatchCoreEnsemble
+from defectlab.models.protocols import TrainedModel
 from defectlab.systems import AnomalySystem, TrainedSystem
 
 # Intended, not problems: frozen backbones stay in eval mode, memory banks have no optimiser.
@@ -49,7 +50,7 @@ def check_model_data(cfg: DictConfig, system: AnomalySystem) -> None:
     """ConfigError when the data settings do not fit the model (cross-group checks)."""
     model = system.model
     labeled = cfg.data.get("labeled_anomalies", 0) or cfg.data.get("labelled_anomalies") or 0
-    if labeled and not getattr(model, "supervised", False):
+    if labeled and not (isinstance(model, TrainedModel) and model.supervised):
         raise ConfigError(
             f"data.labeled_anomalies={labeled}: only supervised models "
             f"(model=unet) may train on defective images; {cfg.model_name} learns from good "

@@ -19,15 +19,13 @@ def test_and_report(job: Job, model_file: Path, extra: dict[str, Any]) -> dict[s
     ``extra``: see :func:`defectlab.jobs.results.assemble_results`.
     """
     start = time.perf_counter()
-    # verbose=False: Lightning's table would list every per-type key; format_summary prints ours.
-    job.trainer.test(job.system, datamodule=job.datamodule, verbose=False)
+    tested = job.system.test(job.trainer, job.datamodule)
     test_s = time.perf_counter() - start
-    tested = job.system.test_results
     results = assemble_results(job, tested, model_file, test_s, extra)
     plots = {}
     if job.cfg.eval.plots:
-        plots = save_run_plots(job.system.test_outputs, tested, job.out_dir / "plots")
+        plots = save_run_plots(vars(tested.outputs), tested.summary(), job.out_dir / "plots")
         results["plots"] = {k: str(v) for k, v in plots.items()}
     log_run(job.trainer.loggers, job.cfg, results, plots, job.image_writer.folder)
-    write_results(job.out_dir, results, tested["predictions"])
+    write_results(job.out_dir, results, tested.predictions)
     return results

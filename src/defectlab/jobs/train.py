@@ -37,24 +37,26 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     job.system.run_config = config_snapshot(cfg)  # embedded in Lightning's training checkpoints
 
     start = time.perf_counter()
-    job.trainer.fit(job.system, datamodule=job.datamodule)
+    report = job.system.fit(job.trainer, job.datamodule)
     fit_s = time.perf_counter() - start
 
     fitted, path = job.system, job.out_dir / MODEL_FILE
     extra: dict[str, Any] = {}
     file_extra: dict[str, Any] = {}
-    if isinstance(fitted, TrainedSystem):
+    if report.training is not None:
         best = job.trainer.checkpoint_callback.best_model_path
         if not best:
             raise DefectlabError("training ended before a validation epoch: no checkpoint")
         # The best epoch is the model that is saved and tested; best.ckpt stays for resuming.
         file_extra["training"] = {"epoch": restore_best_epoch(fitted, Path(best))}
-        extra["training"] = fitted.training_summary()
+        extra["training"] = report.training.as_dict()
     save_model(fitted, config_snapshot(cfg), path, extra=file_extra)
+    bank = report.bank
     extra |= {
-        "validation": dict(fitted.validation_metrics),
-        "memory": dict(getattr(fitted, "memory_stats", {})),
-        "timing": {"fit_s": fit_s, "sample_s": getattr(fitted, "sample_s", None)},
+        # The last validation epoch's metrics (trained models: not necessarily the best epoch's).
+        "validation": dict(report.validation.metrics),
+        "memory": {} if bank is None else dict(bank.memory),
+        "timing": {"fit_s": fit_s, "sample_s": None if bank is None else bank.sample_s},
     }
     # Test exactly what is deployed: the model file, through the loader every consumer uses.
     del fitted

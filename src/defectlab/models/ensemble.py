@@ -30,6 +30,8 @@ class PatchCoreEnsemble(nn.Module):
         members: name -> fitted-or-not :class:`PatchCore`, one per backbone.
     """
 
+    localizes = True  # mean of the members' z-scored maps
+
     def __init__(self, members: Mapping[str, PatchCore]) -> None:
         super().__init__()
         if len(members) < 2:

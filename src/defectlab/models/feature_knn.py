@@ -6,7 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defectlab.components import FeatureExtractor, NearestNeighbors, resize_bank_for_load
+from defectlab.components import (
+    EmbeddingBuffer,
+    FeatureExtractor,
+    NearestNeighbors,
+    resize_bank_for_load,
+)
 from defectlab.errors import ConfigError
 from defectlab.models.output import AnomalyOutput
 
@@ -30,6 +35,7 @@ class FeatureKNN(nn.Module):
     """
 
     localizes = False
+    embed_batch: int | None = None  # one image vector each: the whole batch per forward
     # models.protocols.ResizableBuffers: the bank's row count comes from the saved model.
     resizable_buffers: tuple[str, ...] = ("memory_bank",)
 
@@ -88,6 +94,20 @@ class FeatureKNN(nn.Module):
             return torch.cat(self.extractor.class_tokens(images), dim=1)
         pool = F.adaptive_avg_pool2d if self.pooling == "avg" else F.adaptive_max_pool2d
         return torch.cat([pool(f, 1).flatten(1) for f in self.extractor(images)], dim=1)
+
+    def embedding_buffer(
+        self, total: int, dim: int, device: torch.device | str = "cpu"
+    ) -> EmbeddingBuffer:
+        """The buffer the training images' vectors stream into (float32, in memory)."""
+        return EmbeddingBuffer(total, dim, device=device)
+
+    def fit_buffer(self, buffer: EmbeddingBuffer) -> None:
+        """Store every vector of a filled :meth:`embedding_buffer`."""
+        self.fit(buffer.finish())
+
+    def bank_rows(self, vectors: int) -> int:
+        """Bank rows after fitting on ``vectors`` training vectors: all of them."""
+        return vectors
 
     @torch.no_grad()
     def fit(self, embeddings: torch.Tensor) -> None:

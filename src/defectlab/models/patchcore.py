@@ -23,6 +23,7 @@ from defectlab.components.bank_buffer import (
     check_storage,
 )
 from defectlab.components.embedding import Embedder
+from defectlab.components.sampler import num_samples
 from defectlab.errors import ConfigError
 from defectlab.models.output import AnomalyOutput
 
@@ -52,6 +53,7 @@ class PatchCore(nn.Module):
     # models.protocols.DerivedBuffers: the neighbours follow from the bank; a file written before
     # they were stored loads, and they are found again then.
     derived_buffers: tuple[str, ...] = ("bank_neighbors",)
+    localizes = True  # patch-level anomaly maps
 
     def __init__(
         self,
@@ -138,6 +140,15 @@ class PatchCore(nn.Module):
             project=self.sampler.project,
             spill_dir=self.spill_dir,
         )
+
+    def bank_rows(self, vectors: int) -> int:
+        """Bank rows the sampler keeps of ``vectors`` training rows (per chunk when chunked)."""
+        ratio, chunk = self.sampler.ratio, self.chunk_vectors
+        if chunk:
+            return sum(
+                num_samples(min(chunk, vectors - s), ratio) for s in range(0, vectors, chunk)
+            )
+        return num_samples(vectors, ratio)
 
     @torch.no_grad()
     def fit_buffer(self, buffer: EmbeddingBuffer) -> None:

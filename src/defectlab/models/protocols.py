@@ -6,6 +6,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from defectlab.components.bank_buffer import EmbeddingBuffer
 from defectlab.models.output import AnomalyOutput
 
 
@@ -17,24 +18,63 @@ class AnomalyModel(Protocol):
 
 
 @runtime_checkable
+class BankModel(Protocol):
+    """One memory bank built from streamed training embeddings (PatchCore, feature-kNN).
+
+    ``embed`` maps images to rows ``(..., D)`` in passes of ``embed_batch`` images (None = the whole
+    batch); the rows stream into ``embedding_buffer``, from which ``fit_buffer`` builds the bank
+    ``memory_bank`` ``(bank_rows(N), D)``; ``k`` nearest bank rows enter the image score.
+    """
+
+    k: int
+    embed_batch: int | None
+    memory_bank: torch.Tensor
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    def embedding_buffer(
+        self, total: int, dim: int, device: torch.device | str = "cpu"
+    ) -> EmbeddingBuffer: ...
+
+    def fit_buffer(self, buffer: EmbeddingBuffer) -> None: ...
+
+    def bank_rows(self, vectors: int) -> int: ...
+
+
+@runtime_checkable
 class MemoryBankModel(AnomalyModel, Protocol):
     """Fitted in one pass over good images (PatchCore, its ensembles, feature-kNN).
 
-    ``bank_models()`` lists the models whose banks are built from streamed embeddings (each has
-    ``embed(images)`` and ``fit``); ``prepare(images)`` fits what must exist before that
-    (e.g. an embedding projection) from ``prepare_images`` training images (0 = nothing).
+    ``bank_models()`` lists the :class:`BankModel` s whose banks are built from streamed
+    embeddings (the model itself, or one per ensemble member); ``prepare(images)`` fits what must
+    exist before that (e.g. an embedding projection) from ``prepare_images`` training images
+    (0 = nothing). ``embed_batch``: images per forward when scoring (None = the whole batch);
+    ``localizes``: False for image-level models (flat maps: no pixel metrics).
     """
 
     prepare_images: int
+    embed_batch: int | None
+    localizes: bool
 
-    def bank_models(self) -> list: ...
+    def bank_models(self) -> list[BankModel]: ...
 
     def prepare(self, images: torch.Tensor) -> None: ...
 
 
 @runtime_checkable
+class PatchEmbeddingModel(AnomalyModel, Protocol):
+    """Scores from patch features it can hand out too (PatchCore): ``(output, (B, h, w, D))``."""
+
+    embed_batch: int | None
+
+    def predict_embedded(self, images: torch.Tensor) -> tuple[AnomalyOutput, torch.Tensor]: ...
+
+
+@runtime_checkable
 class TrainedModel(AnomalyModel, Protocol):
-    """Trained by gradient descent on a loss (CAE, U-Net); supervised ones also take masks."""
+    """Trained by gradient descent on a loss (CAE, U-Net); ``supervised`` ones also take masks."""
+
+    supervised: bool
 
     def loss(self, images: torch.Tensor, *args, **kwargs) -> torch.Tensor: ...
 

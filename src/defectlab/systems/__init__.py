@@ -1,4 +1,8 @@
-"""Lightning systems: sequencing, logging and checkpoint state around the pure torch models."""
+"""Lightning systems: sequencing, logging and checkpoint state around the pure torch models.
+
+Each system's ``fit`` / ``validate`` / ``test`` returns a typed report (:mod:`.reports`); memory
+banks are fitted by the plain function :func:`.bank_fitting.fit_memory_bank`.
+"""
 
 from collections.abc import Mapping
 from typing import Any
@@ -7,8 +11,17 @@ from torch import nn
 
 from defectlab.errors import ConfigError
 from defectlab.models.protocols import MemoryBankModel, TrainedModel
+from defectlab.systems.bank_fitting import fit_memory_bank
 from defectlab.systems.base import AnomalySystem
 from defectlab.systems.memory_bank import MemoryBankSystem
+from defectlab.systems.reports import (
+    BankReport,
+    FitReport,
+    TestOutputs,
+    TestReport,
+    TrainingReport,
+    ValidationReport,
+)
 from defectlab.systems.trained import TrainedSystem
 
 
@@ -32,4 +45,16 @@ def build_system(
     raise TypeError(f"no Lightning system for {type(model).__name__}: neither embed/fit nor loss")
 
 
-__all__ = ["AnomalySystem", "MemoryBankSystem", "TrainedSystem", "build_system"]
+__all__ = [
+    "AnomalySystem",
+    "BankReport",
+    "FitReport",
+    "MemoryBankSystem",
+    "TestOutputs",
+    "TestReport",
+    "TrainedSystem",
+    "TrainingReport",
+    "ValidationReport",
+    "build_system",
+    "fit_memory_bank",
+]

@@ -20,10 +20,12 @@ from torchmetrics.functional.classification import binary_auroc
 
 from defectlab.components.backbone import FeatureExtractor
 from defectlab.components.calibration import Calibration
+from defectlab.data.batch import Batch, ImageBatch
 from defectlab.errors import ConfigError
 from defectlab.metrics import ThresholdSpec, image_threshold, pixel_threshold, summarize
 from defectlab.metrics.image import both_classes, unit_interval
-from defectlab.models.output import AnomalyOutput, predict_in_slices
+from defectlab.models.output import AnomalyOutput
+from defectlab.systems.reports import FitReport, TestOutputs, TestReport, ValidationReport
 
 # Frozen pretrained weights are rebuilt from the backbone config, so checkpoints skip them.
 FROZEN_PREFIX = "model.extractor.net."
@@ -89,25 +91,44 @@ class AnomalySystem(L.LightningModule):
         super().__init__()
         self.model = model
         self.validation_anomalies = validation_anomalies
-        self.validation_metrics: dict[str, float | None] = {}
         self.threshold_spec = ThresholdSpec(**(threshold or {}))
         self.calibration = Calibration(normalization)
         self.evaluation = _check_evaluation(evaluation or {})
         self.run_config: dict | None = None  # embedded in Lightning (training-state) checkpoints
         self._val: dict[int, dict[str, list]] = {}
         self._test: dict[str, list] = defaultdict(list)
-        self.test_results: dict[str, Any] | None = None
-        self.test_outputs: dict[str, Any] | None = None
+        # Filled by the Lightning hooks below, handed out by validate() / test() as reports.
+        self._validation = ValidationReport()
+        self._test_report: TestReport | None = None
+
+    # -- the steps the jobs call: each returns its report -----------------------------------
+    def fit(self, trainer: L.Trainer, datamodule: L.LightningDataModule) -> FitReport:
+        """Fit the model on ``datamodule``'s training images, calibrating on held-out ones."""
+        raise NotImplementedError
+
+    def validate(self, trainer: L.Trainer, datamodule: L.LightningDataModule) -> ValidationReport:
+        """Calibrate thresholds on the held-out images; metrics on validation data only."""
+        trainer.validate(self, datamodule=datamodule, verbose=False)
+        return self._validation
+
+    def test(self, trainer: L.Trainer, datamodule: L.LightningDataModule) -> TestReport:
+        """Score the test set with the calibrated thresholds."""
+        self._test_report = None
+        # verbose=False: Lightning's table would list every per-type key; format_summary prints ours.
+        trainer.test(self, datamodule=datamodule, verbose=False)
+        if self._test_report is None:
+            raise RuntimeError("the test pass ended without scoring the test set")
+        return self._test_report
 
     def predict_images(self, images: torch.Tensor) -> AnomalyOutput:
-        """``model.predict`` in slices of ``model.embed_batch`` images (bounds activation memory)."""
-        return predict_in_slices(self.model, images, getattr(self.model, "embed_batch", None))
+        """``model.predict`` on images ``(B, 3, H, W)`` (memory banks slice it)."""
+        return self.model.predict(images)
 
     # -- calibration on held-out data (never the test set) ---------------------------------
     def on_validation_epoch_start(self) -> None:
         self._val = {}
 
-    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = HELDOUT) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = HELDOUT) -> None:
         out = self.predict_images(batch["image"])
         store = self._val.setdefault(dataloader_idx, defaultdict(list))
         amap = out.anomaly_map.detach().float().cpu()
@@ -147,8 +168,8 @@ class AnomalySystem(L.LightningModule):
             float(good["map_min"].min()),
             float(good["map_max"].max()),
         )
-        self.validation_metrics = self._validation_metrics(good, val)
-        self.log_dict({f"val/{k[4:]}": v for k, v in self.validation_metrics.items()})
+        self._validation = ValidationReport(self._validation_metrics(good, val))
+        self.log_dict({f"val/{k[4:]}": v for k, v in self._validation.metrics.items()})
         self.log_dict(
             {
                 "val/score_mean": float(good["score"].float().mean()),
@@ -190,7 +211,7 @@ class AnomalySystem(L.LightningModule):
                 stacklevel=2,
             )
 
-    def test_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+    def test_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
         out = self.predict_images(batch["image"])
         self._test["score"].append(out.score.detach().cpu())
         self._test["label"].append(batch["label"].cpu())
@@ -204,8 +225,11 @@ class AnomalySystem(L.LightningModule):
 
     @property
     def localizes(self) -> bool:
-        """False for image-level models (flat maps): pixel metrics and heatmaps do not apply."""
-        return getattr(self.model, "localizes", True)
+        """False for image-level models (flat maps): pixel metrics and heatmaps do not apply.
+
+        Trained models segment (pixel maps); memory-bank models say so themselves.
+        """
+        return True
 
     def on_test_epoch_end(self) -> None:
         scores, labels = torch.cat(self._test["score"]), torch.cat(self._test["label"])
@@ -233,11 +257,11 @@ class AnomalySystem(L.LightningModule):
 
         normalized = self.calibration.normalize_score(scores)
         predicted = self.calibration.is_defective(scores) if fitted else [None] * len(scores)
-        self.test_results = {
+        self._test_report = TestReport(
             **summary,
-            "localization": self.localizes,
-            "threshold": {**asdict(self.threshold_spec), **self.calibration.as_dict()},
-            "predictions": [
+            localization=self.localizes,
+            threshold={**asdict(self.threshold_spec), **self.calibration.as_dict()},
+            predictions=[
                 {
                     "path": p,
                     "defect_type": d,
@@ -256,17 +280,17 @@ class AnomalySystem(L.LightningModule):
                     strict=True,
                 )
             ],
-        }
-        self.test_outputs = {
-            "scores": scores,
-            "labels": labels,
-            "defect_types": list(self._test["defect_type"]),
-            "maps": maps,
-            "masks": masks,
-        }
+            outputs=TestOutputs(
+                scores=scores,
+                labels=labels,
+                defect_types=list(self._test["defect_type"]),
+                maps=maps,
+                masks=masks,
+            ),
+        )
 
     # -- deployment ------------------------------------------------------------------------
-    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Any]:
+    def predict_step(self, batch: ImageBatch, batch_idx: int) -> dict[str, Any]:
         """Decisions a line would act on: normalised score, label, normalised map, binary mask."""
         if not self.calibration.fitted:
             raise ConfigError("model is not calibrated: train it with data.val_ratio > 0 first")

@@ -6,13 +6,17 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from torch import nn
 
 from defectlab.components import SyntheticAnomalies
+from defectlab.data.batch import Batch
 from defectlab.errors import ConfigError
+from defectlab.models.protocols import TrainedModel
 from defectlab.systems.base import HELDOUT, AnomalySystem
+from defectlab.systems.reports import FitReport, TrainingReport
 
 MONITOR = "val/loss"
 BEST = "best"  # file name (without .ckpt) of the best-epoch checkpoint under checkpoints/
@@ -39,9 +43,11 @@ class TrainedSystem(AnomalySystem):
         **kwargs: see :class:`AnomalySystem`.
     """
 
+    model: TrainedModel
+
     def __init__(
         self,
-        model: nn.Module,
+        model: TrainedModel,
         optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
         patience: int = 10,
         min_delta: float = 0.0,
@@ -65,9 +71,15 @@ class TrainedSystem(AnomalySystem):
 
     @property
     def supervised(self) -> bool:
-        return getattr(self.model, "supervised", False)
+        return self.model.supervised
 
-    def _loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+    def fit(self, trainer: L.Trainer, datamodule: L.LightningDataModule) -> FitReport:
+        """Train with early stopping on the held-out loss; the last epoch's validation metrics."""
+        trainer.fit(self, datamodule=datamodule)
+        training = TrainingReport.from_history(self.val_loss_history, trainer.max_epochs)
+        return FitReport(validation=self._validation, training=training)
+
+    def _loss(self, batch: Batch, generator: torch.Generator | None = None) -> torch.Tensor:
         images = batch["image"]
         if not self.supervised:
             return self.model.loss(images)
@@ -83,12 +95,12 @@ class TrainedSystem(AnomalySystem):
         # Models that synthesise defects themselves (feature noise) draw them from it too.
         return self.model.loss(images, masks, generator=generator)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
         self.log("train/loss", loss, prog_bar=True, on_epoch=True, batch_size=len(batch["image"]))
         return loss
 
-    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = HELDOUT) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = HELDOUT) -> None:
         super().validation_step(batch, batch_idx, dataloader_idx)
         if dataloader_idx != HELDOUT:
             return
@@ -133,19 +145,6 @@ class TrainedSystem(AnomalySystem):
         super().on_validation_epoch_end()
         if self._val_loss[1]:
             self.val_loss_history.append(self._val_loss[0] / self._val_loss[1])
-
-    def training_summary(self) -> dict[str, Any]:
-        """Epochs run, the best (checkpointed) epoch and the held-out loss curve, for results.json."""
-        history = self.val_loss_history
-        best = min(range(len(history)), key=history.__getitem__) if history else None
-        return {
-            "epochs": len(history),
-            "max_epochs": self.trainer.max_epochs,
-            "stopped_early": len(history) < (self.trainer.max_epochs or 0),
-            "best_epoch": None if best is None else best + 1,
-            "best_val_loss": None if best is None else history[best],
-            "val_loss_history": history,
-        }
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # Frozen encoder weights have no gradient: leave them out of the optimiser's state.
