@@ -1,7 +1,8 @@
 """Which defect is it? ``python classify_defects.py run_dir=<run> support=<N per type|loo|all>``.
 
-Writes accuracy, macro-F1, chance level and the confusion matrix into the run's
-defect_types.json, results.json and plots/. Examples:
+Writes accuracy, macro-F1, chance level and the confusion matrix to defect_types.json and plots/
+in its own folder (outputs/classify_defects/<date>/<time>/, or hydra.run.dir=); the training run
+is read, never modified. Examples:
     python classify_defects.py run_dir=outputs/2026-11-23/12-18-31 support=1
     python classify_defects.py run_dir=outputs/2026-11-23/12-18-31 support=loo method=knn k=3
     python classify_defects.py run_dir=... support=all query_dir=/line/rejected

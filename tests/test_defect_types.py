@@ -82,24 +82,28 @@ def typed_run(tmp_path_factory):
     return run, root
 
 
-def _classify(make_cfg, run, *overrides):
-    return run_classification(make_cfg(f"run_dir={run}", *overrides, config="classify_defects"))
+def _classify(make_cfg, run, *overrides, out=None):
+    cfg = make_cfg(f"run_dir={run}", *overrides, config="classify_defects", out=out)
+    return run_classification(cfg)
 
 
 @pytest.mark.parametrize("support", [1, 3, "loo"])
-def test_defect_types_beat_chance_by_a_wide_margin(support, typed_run, make_cfg):
+def test_defect_types_beat_chance_by_a_wide_margin(support, typed_run, make_cfg, tmp_path):
     run, _ = typed_run
-    result = _classify(make_cfg, run, f"support={support}", "repeats=10")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    out = tmp_path / "classified"
+    result = _classify(make_cfg, run, f"support={support}", "repeats=10", out=out)
     assert result["types"] == ["hole", "scratch", "stain"]
     assert result["chance_accuracy"] == pytest.approx(1 / 3)
     # Chance is 0.33; the synthetic types differ in shape (scratch) and intensity (hole, stain).
     assert result["accuracy"] >= 0.8 and result["macro_f1"] >= 0.75
     assert result["features"]["embedding"] is True
-    saved = json.loads((run / "defect_types.json").read_text())["brick"][f"support_{support}"]
-    assert saved["accuracy"] == result["accuracy"]
-    in_results = json.loads((run / "results.json").read_text())["defect_types"]
-    assert in_results[f"support_{support}"]["confusion"] == result["confusion"]
-    assert (run / "plots" / f"defect_types_support_{support}.png").is_file()
+    saved = json.loads((out / "defect_types.json").read_text())
+    assert saved["accuracy"] == result["accuracy"] and saved["confusion"] == result["confusion"]
+    assert saved["model_file"] == str((run / "checkpoints" / "model.safetensors").resolve())
+    assert (out / "plots" / f"defect_types_support_{support}.png").is_file()
+    # Evaluation never modifies the training run: same files, same bytes.
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 def test_support_all_predicts_another_folder(typed_run, make_cfg, tmp_path):
@@ -156,3 +160,19 @@ def test_classify_refuses_models_without_maps_and_bad_support(
         _classify(make_cfg, run, "support=1")
     with pytest.raises(ConfigError, match="support=0"):
         _classify(make_cfg, typed_run[0], "support=0")
+
+
+def test_describe_runs_the_backbone_once_per_batch(typed_run):
+    from defectlab.defect_types import describe
+    from defectlab.inference import Predictor
+
+    run, root = typed_run
+    predictor = Predictor.from_model(run, "cpu")
+    calls = []
+    extractor = predictor.system.model.extractor
+    handle = extractor.register_forward_hook(lambda *_: calls.append(1))
+    paths = sorted((root / "brick" / "test" / "hole").glob("*.png"))[:3]
+    described = describe(predictor, paths, batch_size=3)
+    handle.remove()
+    assert len(calls) == 1
+    assert described.embeddings.shape[0] == described.stats.shape[0] == 3

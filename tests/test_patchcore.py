@@ -201,6 +201,10 @@ def test_memory_bank_resizes_on_load_and_scores_match():
     assert torch.equal(out_a.score, out_b.score) and torch.equal(
         out_a.anomaly_map, out_b.anomaly_map
     )
+    # predict_embedded: the same output and the patch features it scored, from one pass.
+    out_e, emb = b.predict_embedded(images)
+    assert torch.equal(out_e.score, out_b.score) and torch.equal(emb, b.embed(images))
+    assert torch.equal(out_e.anomaly_map, out_b.anomaly_map)
 
 
 def _native_reference(features, p=3, mode="bilinear"):

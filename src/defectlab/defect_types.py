@@ -26,8 +26,10 @@ from torchmetrics.functional.classification import (
 from defectlab.data import scan_category, scan_labeled
 from defectlab.errors import ConfigError, DataError
 from defectlab.inference import Predictor, expand_input
-from defectlab.model_file import locate_model, run_folder
-from defectlab.results import read_json, write_json_atomic
+from defectlab.model_file import locate_model
+from defectlab.models.output import AnomalyOutput
+from defectlab.models.protocols import PatchEmbeddingModel
+from defectlab.results import write_json_atomic
 
 REGION_STATS = (
     "area",
@@ -99,6 +101,24 @@ def _weighted_embedding(patches: torch.Tensor, amap: torch.Tensor) -> torch.Tens
     return torch.einsum("hw,hwd->d", weights, patches.float())
 
 
+def _maps_and_patches(
+    predictor: Predictor, images: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Raw anomaly maps ``(B, H, W)`` and, where the model has them, the patch features
+    ``(B, h, w, D)`` those maps were scored from: one backbone pass per image."""
+    model, images = predictor.system.model, images.to(predictor.device)
+    if not isinstance(model, PatchEmbeddingModel):
+        return predictor.system.predict_images(images).anomaly_map[:, 0].cpu(), None
+    # In slices of embed_batch images, as the system's own predictions are made.
+    outs: list[AnomalyOutput] = []
+    patches = []
+    for part in images.split(model.embed_batch or len(images)):
+        out, emb = model.predict_embedded(part)
+        outs.append(out)
+        patches.append(emb.cpu())
+    return torch.cat([o.anomaly_map for o in outs])[:, 0].cpu(), torch.cat(patches)
+
+
 @torch.no_grad()
 def describe(predictor: Predictor, paths: list[Path], batch_size: int = 16) -> Descriptors:
     """Descriptors of the images at ``paths`` (region from the model's raw anomaly map)."""
@@ -108,15 +128,14 @@ def describe(predictor: Predictor, paths: list[Path], batch_size: int = 16) -> D
             "defect types are classified from the anomalous region, and this model gives no "
             "anomaly map (model=feature_knn): use a run of patchcore, cae or unet"
         )
+    if not system.calibration.fitted:
+        raise ConfigError("model is not calibrated: train it with data.val_ratio > 0 first")
     threshold = float(system.calibration.pixel_threshold)
-    embed = getattr(system.model, "embed", None)
     embeddings, stats = [], []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
         images = torch.stack([predictor.load(p) for p in chunk])
-        out = predictor.score(images, [str(p) for p in chunk])
-        maps = out["anomaly_map_raw"][:, 0]
-        patches = embed(images.to(predictor.device)).cpu() if embed is not None else None
+        maps, patches = _maps_and_patches(predictor, images)
         for i in range(len(chunk)):
             stats.append(region_stats(images[i], maps[i], threshold))
             if patches is not None:
@@ -310,9 +329,9 @@ def plot_confusion(result: dict[str, Any], path: Path) -> Path:
 
 
 def run_classification(cfg: DictConfig) -> dict[str, Any]:
-    """The job behind classify_defects.py."""
+    """The job behind classify_defects.py: writes into its own folder, never into the run."""
     path, _ = locate_model(cfg.run_dir, cfg.model_path)
-    run_dir = run_folder(path)
+    out_dir = Path(cfg.paths.output_dir)
     support = cfg.support
     if not (support in ("all", "loo") or (isinstance(support, int) and support >= 1)):
         raise ConfigError(f"support={support}: give a number >= 1 of images per type, loo or all")
@@ -373,9 +392,10 @@ def run_classification(cfg: DictConfig) -> dict[str, Any]:
         },
     }
     if "confusion" in result:
-        plot = plot_confusion(result, run_dir / "plots" / f"defect_types_support_{support}.png")
+        plot = plot_confusion(result, out_dir / "plots" / f"defect_types_support_{support}.png")
         result["plot"] = str(plot)
-    _save(run_dir, category, support, result)
+    result["model_file"] = str(path.resolve())
+    write_json_atomic(out_dir / "defect_types.json", result)
     if "accuracy" in result:
         print(
             f"defect types of {category} ({len(types)} types, support {support}): accuracy "
@@ -385,18 +405,3 @@ def run_classification(cfg: DictConfig) -> dict[str, Any]:
     else:
         print(f"classified {len(result['predictions'])} images of {cfg.query_dir}")
     return result
-
-
-def _save(run_dir: Path, category: str, support: Any, result: dict[str, Any]) -> None:
-    """Into ``defect_types.json`` and ``results.json`` of the run, one entry per support setting."""
-    key = f"support_{support}"
-    target = run_dir / "defect_types.json"
-    saved = read_json(target) if target.is_file() else {}
-    saved.setdefault(category, {})[key] = result
-    write_json_atomic(target, saved)
-    results_path = run_dir / "results.json"
-    if results_path.is_file():
-        results = read_json(results_path)
-        summary = {k: v for k, v in result.items() if k not in ("predictions",)}
-        results.setdefault("defect_types", {})[key] = summary
-        write_json_atomic(results_path, results)

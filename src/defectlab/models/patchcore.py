@@ -196,9 +196,15 @@ class PatchCore(nn.Module):
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> AnomalyOutput:
         """Score images ``(B, 3, H, W)`` in [0, 1]."""
-        patch_scores, score = self.score_patches(self.embed(images))
+        return self.predict_embedded(images)[0]
+
+    @torch.no_grad()
+    def predict_embedded(self, images: torch.Tensor) -> tuple[AnomalyOutput, torch.Tensor]:
+        """:meth:`predict` and the patch features ``(B, h, w, D)`` it scored (one backbone pass)."""
+        emb = self.embed(images)
+        patch_scores, score = self.score_patches(emb)
         amap = self.anomaly_map(patch_scores, tuple(images.shape[-2:]))
-        return AnomalyOutput(score=score, anomaly_map=amap)
+        return AnomalyOutput(score=score, anomaly_map=amap), emb
 
     @torch.no_grad()
     def score_patches(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
