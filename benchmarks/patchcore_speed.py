@@ -95,7 +95,7 @@ def measure(overrides: list[str], max_test: int, batch: int) -> dict:
         datamodule = build(cfg.data)
         datamodule.prepare_data()
         datamodule.setup("fit")
-        model, _ = build_model(cfg)
+        model = build_model(cfg)
         if not hasattr(model, "score_patches"):
             raise SystemExit(f"model={cfg.model_name}: this benchmark is for PatchCore")
         model.eval()

@@ -15,7 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 import defectlab.experiment_log  # noqa: F401  (registers the ${sweep_id:} resolver of logger=wandb)
 from defectlab.build import build_run_system
 from defectlab.data import AnomalyDataModule
+from defectlab.errors import ConfigError
 from defectlab.metrics import ThresholdSpec
+from defectlab.systems import AnomalySystem, TrainedSystem
 
 from .conftest import CONF
 
@@ -33,6 +35,7 @@ MODEL_GROUPS = {
     "embedding",
     "sampler",
     "model",
+    "system",
     "experiment",
     "hparams_search",
     "debug",
@@ -46,6 +49,8 @@ NEEDS = {
     ("sweep", "mvtec_all"): ["data.root=/nonexistent/mvtec"],
     ("threshold", "fixed"): ["threshold.value=2.5"],
     ("threshold", "f1_val"): ["data.val_dir=/nonexistent/val"],
+    ("system", "trained"): ["model=cae"],  # the default model (patchcore) has a memory bank
+    ("system", "supervised"): ["model=unet"],
 }
 
 
@@ -96,10 +101,12 @@ def _targets(node, where: str = "") -> list[str]:
 def test_every_group_option_instantiates(group, option, tmp_path):
     overrides = [f"{group}={option}", *NEEDS.get((group, option), [])]
     cfg = _train_cfg(overrides, tmp_path)
-    # Every object a run builds from its config: model and system, data, trainer, loggers.
+    # Every object a run builds from its config, each node on its own: model, system, data,
+    # trainer, loggers.
     if group in MODEL_GROUPS:
-        system = build_run_system(cfg)
-        assert system.model is not None
+        model = instantiate(cfg.model)
+        system = instantiate(cfg.system)(model)  # a partial: the model is added at build time
+        assert isinstance(system, AnomalySystem) and system.model is model
     assert isinstance(instantiate(cfg.data), AnomalyDataModule)
     ThresholdSpec(**OmegaConf.to_container(cfg.threshold, resolve=True))
     for node in (*(cfg.get("logger") or {}).values(), *(cfg.get("callbacks") or {}).values()):
@@ -130,3 +137,25 @@ def test_every_entry_config_composes(config, tmp_path):
             instantiate(node)
         else:
             get_object(node._target_)
+
+
+def test_model_chooses_its_system_and_a_mismatch_is_refused(tmp_path):
+    cfg = _train_cfg(["model=cae", "system.patience=3", "debug=tiny"], tmp_path)
+    system = build_run_system(cfg)
+    assert isinstance(system, TrainedSystem) and system.patience == 3
+    assert cfg.trainer.max_epochs == cfg.system.max_epochs == 100
+    with pytest.raises(ConfigError, match="use system=trained"):
+        build_run_system(_train_cfg(["model=cae", "system=memory_bank"], tmp_path))
+    with pytest.raises(ConfigError, match="use system=memory_bank"):
+        build_run_system(_train_cfg(["system=trained"], tmp_path))
+
+
+def test_configs_from_before_the_system_group_keep_training_under_model_fit(tmp_path):
+    """Model files of earlier runs hold model.fit and no system node: they still build."""
+    cfg = _train_cfg(["model=unet", "system.patience=4", "debug=tiny"], tmp_path)
+    old = OmegaConf.to_container(cfg, resolve=False)
+    old["model"]["fit"] = old.pop("system")
+    old.pop("hydra")
+    system = build_run_system(OmegaConf.create(old))
+    assert isinstance(system, TrainedSystem) and system.patience == 4
+    assert system.max_epochs == 100 and system.anomalies.kinds == ["cutpaste", "blob", "scratch"]

@@ -129,7 +129,7 @@ def test_models_without_embeddings_use_region_statistics(make_cfg, synthetic_roo
         make_cfg(
             *overrides,
             *cae,
-            "model.fit.max_epochs=2",
+            "system.max_epochs=2",
             f"data.root={synthetic_root}",
             "data.category=brick",
             out=run,

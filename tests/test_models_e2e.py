@@ -16,7 +16,7 @@ pytestmark = pytest.mark.e2e
 
 DATA = [o for o in FAST if not o.startswith("model.")]
 # Tiny networks and two epochs: the path, not the accuracy, is under test here.
-TRAINED = ["model.channels=4", "model.depth=2", "model.fit.max_epochs=2"]
+TRAINED = ["model.channels=4", "model.depth=2", "system.max_epochs=2"]
 MODELS = {
     "patchcore": ["model=patchcore"],
     "feature_knn": ["model=feature_knn"],
@@ -112,9 +112,10 @@ def test_presets_and_vit_compose(make_cfg):
     cae = make_cfg("experiment=cae_fast")
     assert (cae.model_name, cae.data.image_size, cae.trainer.max_epochs) == ("cae", 128, 30)
     unet = make_cfg("experiment=unet_fast", "data=synthetic", "data.category=grass")
-    assert unet.model_name == "unet" and unet.model.fit.anomalies.kinds
+    assert unet.model_name == "unet" and unet.system.anomalies.kinds
     assert unet.data.root.endswith("synthetic")
-    assert unet.model.fit.anomalies.exclude_textures == ["grass"]  # never the product's texture
+    assert unet.system.anomalies.exclude_textures == ["grass"]  # never the product's texture
+    assert (unet.trainer.min_steps, unet.trainer.max_steps) == (300, 600)
     assert make_cfg().trainer.max_epochs == 1  # memory banks: one pass
     vit = make_cfg("backbone=vit_base_patch16_224", "model=feature_knn", "model.pooling=cls")
     assert vit.model.extractor.kwargs.dynamic_img_size is True

@@ -254,3 +254,27 @@ def test_pretrained_unet_learns_feature_noise_and_finds_an_unseen_defect():
     defective[:, :, 20:32, 24:36] = 0.05
     scores = model.predict(torch.cat([good[6:], defective])).score
     assert scores[6:].min() > scores[:6].max()
+
+
+def test_trained_system_checks_its_settings_and_the_trainer_epochs():
+    from functools import partial
+
+    import lightning as L
+
+    from defectlab.systems import TrainedSystem
+
+    adam = partial(torch.optim.Adam, lr=1e-3)
+    cae = ConvAutoencoder(depth=2, channels=4, latent_dim=4)
+    with pytest.raises(ConfigError, match="system.patience"):
+        TrainedSystem(cae, adam, patience=0)
+    with pytest.raises(ConfigError, match="system.anomalies"):
+        TrainedSystem(UNet(depth=2, channels=4), adam)
+    noise = FeatureNoise(probability=0.5, std=1.0)
+    TrainedSystem(UNet(extractor=_lite0(), decoder_channels=8, feature_noise=noise), adam)
+    system = TrainedSystem(cae, adam, max_epochs=7)
+    trainer = L.Trainer(max_epochs=3, logger=False, enable_checkpointing=False)
+    with pytest.raises(ConfigError, match=r"trainer.max_epochs=3 but system.max_epochs=7"):
+        system.fit(trainer, datamodule=None)
+    system = TrainedSystem(cae, adam, max_epochs=3, max_steps=600)
+    with pytest.raises(ConfigError, match=r"trainer.max_steps=-1 but system.max_steps=600"):
+        system.fit(trainer, datamodule=None)

@@ -1,4 +1,8 @@
-"""Build a model and its Lightning system from a composed config (training and loading alike)."""
+"""Build a model and its Lightning system from a composed config (training and loading alike).
+
+The ``model`` node builds the pure torch model, the ``system`` node (chosen by the model's
+defaults: conf/system/) the Lightning system around it; each instantiates on its own.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,20 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from defectlab.errors import ConfigError, DefectlabError
-from defectlab.systems import AnomalySystem, build_system
+from defectlab.models.protocols import AnomalyModel
+from defectlab.systems import AnomalySystem
+
+MEMORY_BANK = "defectlab.systems.MemoryBankSystem"
+TRAINED = "defectlab.systems.TrainedSystem"
+TRAINED_KEYS = (
+    "max_epochs",
+    "min_steps",
+    "max_steps",
+    "patience",
+    "min_delta",
+    "optimizer",
+    "anomalies",
+)
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:
@@ -27,31 +44,40 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
         raise
 
 
-def build_model(cfg: DictConfig) -> tuple[Any, dict[str, Any] | None]:
-    """The pure torch model, and the built ``model.fit`` section of trained models.
+def system_node(cfg: DictConfig) -> DictConfig:
+    """The ``system`` node of a run config (a partial: the system class and its training settings).
 
-    ``model.fit`` (optimizer, patience, synthetic anomalies) configures the Lightning system, not
-    the model, so it is split off before instantiation; ``max_epochs`` goes to the trainer.
+    Configs written before the ``system`` group (model files of earlier runs) kept the training
+    settings of CAE and U-Net under ``model.fit``; they are read into the same node.
     """
-    node = OmegaConf.to_container(cfg.model, resolve=True)
-    fit = node.pop("fit", None)
-    model = build(OmegaConf.create(node))
+    if cfg.get("system") is not None:
+        return cfg.system
+    fit = cfg.model.get("fit")
     if fit is None:
-        return model, None
-    fit = OmegaConf.create(fit)
-    training = {
-        "optimizer": build(fit.optimizer),
-        "patience": fit.patience,
-        "min_delta": fit.min_delta,
-    }
-    if fit.get("anomalies") is not None:
-        training["anomalies"] = build(fit.anomalies)
-    return model, training
+        return OmegaConf.create({"_target_": MEMORY_BANK, "_partial_": True})
+    fit = OmegaConf.to_container(fit, resolve=True)  # its ${seed} refers to the whole config
+    return OmegaConf.create(
+        {"_target_": TRAINED, "_partial_": True, **{k: fit[k] for k in fit if k in TRAINED_KEYS}}
+    )
 
 
-def check_input_size(model: Any, data: DictConfig) -> None:
+def model_node(cfg: DictConfig) -> DictConfig:
+    """The ``model`` node without ``fit`` (present only in configs from before the system group)."""
+    if cfg.model.get("fit") is None:
+        return cfg.model
+    node = OmegaConf.to_container(cfg.model, resolve=True)
+    node.pop("fit")
+    return OmegaConf.create(node)
+
+
+def build_model(cfg: DictConfig) -> Any:
+    """The pure torch model of a run config."""
+    return build(model_node(cfg))
+
+
+def check_input_size(model: AnomalyModel, data: DictConfig) -> None:
     """ConfigError unless the network input side is a multiple of what the model needs."""
-    multiple = getattr(model, "input_multiple", 1)
+    multiple = model.input_multiple
     key = "data.crop_size" if data.get("crop_size") else "data.image_size"
     size = data.get("crop_size") or data.image_size
     if size % multiple:
@@ -76,11 +102,11 @@ def threshold_config(cfg: DictConfig) -> dict[str, Any]:
 def build_run_system(cfg: DictConfig) -> AnomalySystem:
     """Model and system of a run config: threshold, normalisation and evaluation settings."""
     threshold = threshold_config(cfg)
-    model, training = build_model(cfg)
+    model = build_model(cfg)
     check_input_size(model, cfg.data)
-    return build_system(
+    make_system = build(system_node(cfg))  # the system group's partial
+    return make_system(
         model,
-        training,
         threshold=threshold,
         normalization=cfg.eval.normalization,
         evaluation={

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,6 +61,7 @@ class ConvAutoencoder(nn.Module):
     """
 
     supervised = False
+    synthesizes_defects = False  # models.protocols.TrainedModel: learns from good images only
 
     def __init__(
         self,
@@ -149,6 +152,16 @@ class ConvAutoencoder(nn.Module):
             )
             return (1 - ssim).mean(dim=1, keepdim=True)
         return (recon - target).pow(2).mean(dim=1, keepdim=True)
+
+    @torch.no_grad()
+    def fit_statistics(self, good_images: Iterable[torch.Tensor]) -> None:
+        """Refit ``pixel_statistics`` (if any) on :meth:`raw_map` of good training batches."""
+        if self.pixel_statistics is None:
+            return
+        self.pixel_statistics.reset()
+        for images in good_images:
+            self.pixel_statistics.update(self.raw_map(images))
+        self.pixel_statistics.finish()
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> AnomalyOutput:

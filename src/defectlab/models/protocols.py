@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -12,7 +13,10 @@ from defectlab.models.output import AnomalyOutput
 
 @runtime_checkable
 class AnomalyModel(Protocol):
-    """Every model: scores images ``(B, 3, H, W)`` in [0, 1]."""
+    """Every model: scores images ``(B, 3, H, W)`` in [0, 1] whose sides are multiples of
+    ``input_multiple`` (its deepest layer's downsampling)."""
+
+    input_multiple: int
 
     def predict(self, images: torch.Tensor) -> AnomalyOutput: ...
 
@@ -72,11 +76,21 @@ class PatchEmbeddingModel(AnomalyModel, Protocol):
 
 @runtime_checkable
 class TrainedModel(AnomalyModel, Protocol):
-    """Trained by gradient descent on a loss (CAE, U-Net); ``supervised`` ones also take masks."""
+    """Trained by gradient descent on a loss (CAE, U-Net); ``supervised`` ones also take masks.
+
+    ``synthesizes_defects``: the model draws synthetic defects of its own inside ``loss`` (the
+    U-Net's feature noise; ``loss(images, masks, generator=...)`` for fixed held-out draws), so a
+    supervised model needs no pasted ones. ``fit_statistics(good_images)``: refit statistics the
+    map is normalised with (the CAE's per-pixel z-scores) from an iterable of good training
+    batches; models without such statistics return without reading it.
+    """
 
     supervised: bool
+    synthesizes_defects: bool
 
     def loss(self, images: torch.Tensor, *args, **kwargs) -> torch.Tensor: ...
+
+    def fit_statistics(self, good_images: Iterable[torch.Tensor]) -> None: ...
 
 
 @runtime_checkable

@@ -8,6 +8,8 @@ decoder through skip connections. Optionally, anomalies are also synthesised in 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -95,6 +97,7 @@ class UNet(nn.Module):
         self.max_pos_weight = max_pos_weight
         self.finetune = finetune
         self.feature_noise = feature_noise
+        self.pretrained_encoder = extractor is not None
         if extractor is None:
             widths = [channels * 2**i for i in range(depth + 1)]
             self.down = nn.ModuleList(
@@ -119,8 +122,12 @@ class UNet(nn.Module):
         self.map_score = MapScore(score, topk)
 
     @property
-    def pretrained_encoder(self) -> bool:
-        return hasattr(self, "extractor")
+    def synthesizes_defects(self) -> bool:
+        """models.protocols.TrainedModel: feature noise draws defects inside :meth:`loss`."""
+        return self.feature_noise is not None
+
+    def fit_statistics(self, good_images: Iterable[torch.Tensor]) -> None:
+        """models.protocols.TrainedModel: the probability map needs no statistics."""
 
     @property
     def input_multiple(self) -> int:

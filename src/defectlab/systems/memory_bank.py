@@ -26,6 +26,11 @@ class MemoryBankSystem(AnomalySystem):
     model: MemoryBankModel
 
     def __init__(self, model: MemoryBankModel, **kwargs: Any) -> None:
+        if not isinstance(model, MemoryBankModel):
+            raise ConfigError(
+                f"system=memory_bank fits memory-bank models (patchcore, feature_knn); "
+                f"{type(model).__name__} is trained by gradient descent: use system=trained"
+            )
         super().__init__(model, **kwargs)
         self.automatic_optimization = False
 

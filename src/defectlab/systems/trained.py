@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,12 @@ class TrainedSystem(AnomalySystem):
     Args:
         model: pure torch model with ``loss`` and ``predict``.
         optimizer: ``params -> torch.optim.Optimizer`` (a Hydra partial).
+        max_epochs: upper bound of training epochs; the trainer config reads it
+            (``trainer.max_epochs: ${system.max_epochs}``), and :meth:`fit` refuses a trainer
+            that disagrees.
+        min_steps: optimiser steps before early stopping may end training (None = no floor);
+            small data sets have few steps per epoch. The trainer reads it, as max_epochs.
+        max_steps: stop after this many optimiser steps whatever max_epochs says (-1 = off).
         patience: validation epochs without improvement before stopping.
         min_delta: smallest decrease of the held-out loss that counts as improvement.
         anomalies: synthetic defect generator (supervised models need it unless they synthesise
@@ -49,20 +55,31 @@ class TrainedSystem(AnomalySystem):
         self,
         model: TrainedModel,
         optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
+        max_epochs: int = 100,
+        min_steps: int | None = None,
+        max_steps: int = -1,
         patience: int = 10,
         min_delta: float = 0.0,
         anomalies: SyntheticAnomalies | None = None,
         **kwargs: Any,
     ) -> None:
+        if not isinstance(model, TrainedModel):
+            raise ConfigError(
+                f"system=trained trains models with a loss (cae, unet); {type(model).__name__} "
+                "is a memory-bank model: use system=memory_bank"
+            )
         super().__init__(model, **kwargs)
         if patience < 1:
-            raise ConfigError(f"model.fit.patience must be >= 1, got {patience}")
-        if self.supervised and anomalies is None and getattr(model, "feature_noise", None) is None:
+            raise ConfigError(f"system.patience must be >= 1, got {patience}")
+        if self.supervised and anomalies is None and not model.synthesizes_defects:
             raise ConfigError(
-                f"{type(model).__name__} is supervised: set model.fit.anomalies (synthetic "
-                "defects) or model.feature_noise"
+                f"{type(model).__name__} is supervised: set system.anomalies (synthetic defects, "
+                "e.g. system=supervised) or model.feature_noise"
             )
         self.optimizer_factory = optimizer
+        self.max_epochs = max_epochs
+        self.min_steps = min_steps
+        self.max_steps = max_steps
         self.patience = patience
         self.min_delta = min_delta
         self.anomalies = anomalies
@@ -75,6 +92,16 @@ class TrainedSystem(AnomalySystem):
 
     def fit(self, trainer: L.Trainer, datamodule: L.LightningDataModule) -> FitReport:
         """Train with early stopping on the held-out loss; the last epoch's validation metrics."""
+        for key, trainer_value, value in (
+            ("max_epochs", trainer.max_epochs, self.max_epochs),
+            ("min_steps", trainer.min_steps, self.min_steps),
+            ("max_steps", trainer.max_steps, self.max_steps),
+        ):
+            if trainer_value != value:
+                raise ConfigError(
+                    f"trainer.{key}={trainer_value} but system.{key}={value}: "
+                    f"set system.{key} (the trainer config reads it)"
+                )
         trainer.fit(self, datamodule=datamodule)
         training = TrainingReport.from_history(self.val_loss_history, trainer.max_epochs)
         return FitReport(validation=self._validation, training=training)
@@ -123,23 +150,17 @@ class TrainedSystem(AnomalySystem):
     def on_validation_epoch_start(self) -> None:
         super().on_validation_epoch_start()
         self._val_loss = [0.0, 0]
-        statistics = getattr(self.model, "pixel_statistics", None)
-        if statistics is not None and self.trainer.state.fn == "fit":
-            self._fit_pixel_statistics(statistics)
+        if self.trainer.state.fn == "fit":
+            # Map statistics of this epoch's weights, so the held-out calibration and the
+            # best-epoch checkpoint use the statistics of their own weights. The generator is
+            # lazy: a model without statistics never reads the training set here.
+            self.model.fit_statistics(self._good_training_images())
 
-    @torch.no_grad()
-    def _fit_pixel_statistics(self, statistics: nn.Module) -> None:
-        """Per-pixel map statistics of this epoch's weights over the good training images.
-
-        Refitted before every validation epoch, so the held-out calibration and the best-epoch
-        checkpoint use the statistics of their own weights.
-        """
-        statistics.reset()
+    def _good_training_images(self) -> Iterator[torch.Tensor]:
         for batch in self.trainer.datamodule.train_dataloader():
             good = batch["label"] == 0  # real labelled defects (U-Net) are not normal
             if good.any():
-                statistics.update(self.model.raw_map(batch["image"][good].to(self.device)))
-        statistics.finish()
+                yield batch["image"][good].to(self.device)
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
