@@ -158,4 +158,4 @@ def test_configs_from_before_the_system_group_keep_training_under_model_fit(tmp_
     old.pop("hydra")
     system = build_run_system(OmegaConf.create(old))
     assert isinstance(system, TrainedSystem) and system.patience == 4
-    assert system.max_epochs == 100 and system.anomalies.kinds == ["cutpaste", "blob", "scratch"]
+    assert system.max_epochs == 100 and system.anomalies.kinds == ["perlin_texture", "perlin_self"]

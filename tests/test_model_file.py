@@ -277,7 +277,7 @@ def test_fine_tuned_unet_encoder_weights_are_stored_reloaded_and_checksummed(
 ):
     # The frozen encoder (left out, rebuilt) is covered by test_models_e2e's U-Net run.
     from defectlab.build import build_run_system
-    from defectlab.runner import config_snapshot
+    from defectlab.jobs import config_snapshot
 
     from .test_train import FAST
 
@@ -317,7 +317,7 @@ def test_fine_tuned_unet_encoder_weights_are_stored_reloaded_and_checksummed(
 
 def test_cae_pixel_statistics_travel_in_the_model_file(make_cfg, synthetic_root, tmp_path):
     from defectlab.build import build_run_system
-    from defectlab.runner import config_snapshot
+    from defectlab.jobs import config_snapshot
 
     from .test_train import FAST
 

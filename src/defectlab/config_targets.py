@@ -92,7 +92,7 @@ def check_target(target: Any, key: str, source: str) -> None:
             raise refuse("is not Lightning's Trainer")
         return
     if library is None:
-        # defectlab.runner.os.system or defectlab.runner.Path resolve outside defectlab.
+        # e.g. defectlab.jobs.train.Path or defectlab.build.instantiate resolve outside defectlab.
         if not _defined_under(obj, OWN_PACKAGE):
             raise refuse(f"resolves to {obj.__module__}.{obj.__qualname__}, outside defectlab")
         return
