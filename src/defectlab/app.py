@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
+from defectlab.components import FeatureExtractor
 from defectlab.data import IMAGE_EXTENSIONS
 from defectlab.errors import ConfigError, DataError
 from defectlab.imageio import ImageLimits
@@ -112,7 +113,10 @@ def legacy_runs(roots: Iterable[str | Path]) -> list[Path]:
 def describe(predictor: Predictor) -> dict[str, Any]:
     """What is loaded: model, backbone, category and the calibrated threshold."""
     cfg = predictor.run_config
-    extractor = getattr(predictor.system.model, "extractor", None)
+    # The model's own backbone (PatchCore, feature-kNN, U-Net); none for the CAE and ensembles.
+    extractor = next(
+        (m for m in predictor.system.model.children() if isinstance(m, FeatureExtractor)), None
+    )
     cal = predictor.system.calibration.as_dict()
     return {
         "model": cfg.get("model_name"),

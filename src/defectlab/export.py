@@ -29,6 +29,7 @@ from defectlab.errors import ConfigError, DataError, ExportError
 from defectlab.imageio import load_image
 from defectlab.inference import Predictor
 from defectlab.model_file import locate_model, run_folder
+from defectlab.models.protocols import BankModel
 from defectlab.results import atomic_target
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -66,9 +67,7 @@ class DeployModule(nn.Module):
         # faiss indexes cannot live in a graph, nor can the blockwise search's data-dependent
         # candidate sets; exact float32 search in one block can (a chunk loop would bake the
         # batch size in).
-        self._knn_owners = [
-            m for m in self.model.modules() if isinstance(getattr(m, "knn", None), NearestNeighbors)
-        ]
+        self._knn_owners = [m for m in self.model.modules() if isinstance(m, BankModel)]
         for owner in self._knn_owners:
             owner.knn = NearestNeighbors("exact", traceable=True)
 
@@ -260,7 +259,8 @@ def _sidecar(
 ) -> dict[str, Any]:
     cfg = predictor.run_config
     backbone = cfg.get("backbone")
-    bank = getattr(predictor.system.model, "memory_bank", None)
+    model = predictor.system.model
+    bank = model.memory_bank if isinstance(model, BankModel) else None
     return {
         "format": fmt,
         "file": artefact.name,

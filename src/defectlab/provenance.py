@@ -82,9 +82,10 @@ def seeds(cfg: DictConfig) -> dict[str, int]:
     return {path: value for path, value in found.items() if isinstance(value, int)}
 
 
-def provenance(cfg: DictConfig, model: torch.nn.Module) -> dict[str, Any]:
-    """The ``provenance`` section of results.json."""
-    bank = getattr(model, "memory_bank", None)
+def provenance(
+    cfg: DictConfig, model: torch.nn.Module, bank: torch.Tensor | None = None
+) -> dict[str, Any]:
+    """The ``provenance`` section of results.json (``bank``: the model's one memory bank, if any)."""
     state = model.state_dict()
     return {
         "seeds": seeds(cfg),

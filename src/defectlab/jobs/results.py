@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from defectlab.components import FeatureExtractor
 from defectlab.jobs.setup import Job
 from defectlab.models import PatchCore
-from defectlab.models.protocols import MemoryBankModel
+from defectlab.models.protocols import BankModel, MemoryBankModel
 from defectlab.provenance import provenance
 from defectlab.results import peak_rss_mb
 from defectlab.systems.reports import TestReport
@@ -81,7 +81,11 @@ def assemble_results(
         },
         "model_file": str(model_file.resolve()),
         "seed": cfg.seed,
-        "provenance": provenance(cfg, system.model),
+        "provenance": provenance(
+            cfg,
+            system.model,
+            system.model.memory_bank if isinstance(system.model, BankModel) else None,
+        ),
         # on_bad_file=skip: what was left out, and masks with no image (ignored either way).
         "data_issues": {
             "skipped_files": list(datamodule.skipped),

@@ -8,6 +8,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from defectlab.components.bank_buffer import EmbeddingBuffer
+from defectlab.components.knn import NearestNeighbors
 from defectlab.models.output import AnomalyOutput
 
 
@@ -27,12 +28,14 @@ class BankModel(Protocol):
 
     ``embed`` maps images to rows ``(..., D)`` in passes of ``embed_batch`` images (None = the whole
     batch); the rows stream into ``embedding_buffer``, from which ``fit_buffer`` builds the bank
-    ``memory_bank`` ``(bank_rows(N), D)``; ``k`` nearest bank rows enter the image score.
+    ``memory_bank`` ``(bank_rows(N), D)``, searched by ``knn``; ``k`` nearest bank rows enter the
+    image score.
     """
 
     k: int
     embed_batch: int | None
     memory_bank: torch.Tensor
+    knn: NearestNeighbors
 
     def embed(self, images: torch.Tensor) -> torch.Tensor: ...
 
