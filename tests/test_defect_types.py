@@ -162,17 +162,20 @@ def test_classify_refuses_models_without_maps_and_bad_support(
         _classify(make_cfg, typed_run[0], "support=0")
 
 
-def test_describe_runs_the_backbone_once_per_batch(typed_run):
+def test_describe_runs_the_backbone_once_per_image(typed_run):
     from defectlab.defect_types import describe
     from defectlab.inference import Predictor
 
     run, root = typed_run
     predictor = Predictor.from_model(run, "cpu")
-    calls = []
+    seen = []  # images per extractor forward
     extractor = predictor.system.model.extractor
-    handle = extractor.register_forward_hook(lambda *_: calls.append(1))
+    handle = extractor.register_forward_hook(lambda _, args, __: seen.append(len(args[0])))
     paths = sorted((root / "brick" / "test" / "hole").glob("*.png"))[:3]
     described = describe(predictor, paths, batch_size=3)
     handle.remove()
-    assert len(calls) == 1
+    # Each image goes through the backbone once (map and embeddings from the same pass), in
+    # slices of the model's embed_batch as the system scores them.
+    step = predictor.system.model.embed_batch or 3
+    assert seen == [len(s) for s in torch.arange(3).split(step)]
     assert described.embeddings.shape[0] == described.stats.shape[0] == 3

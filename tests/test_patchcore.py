@@ -276,3 +276,33 @@ def test_native_embedder_projection_is_pca_of_training_features():
 def test_native_embedder_rejects_bad_values(kwargs, key):
     with pytest.raises(ConfigError, match=key):
         NativeEmbedder([12, 20], **kwargs)
+
+
+def test_embed_batch_auto_is_the_cpu_default_and_bad_values_are_refused():
+    from defectlab.models.output import predict_in_slices
+    from defectlab.models.patchcore import CPU_EMBED_BATCH
+
+    ext = FeatureExtractor("resnet18", ["layer1"], pretrained=False)
+
+    def make(embed_batch) -> PatchCore:
+        memory = {"embed_batch": embed_batch}
+        return PatchCore(ext, IdentitySampler(), NearestNeighbors("exact"), memory=memory)
+
+    assert make("auto").embed_batch == CPU_EMBED_BATCH == 2  # on CPU
+    assert make(5).embed_batch == 5 and make(None).embed_batch is None
+    with pytest.raises(ConfigError, match=r"model.memory.embed_batch=fast: use auto"):
+        make("fast")
+    with pytest.raises(ConfigError, match=r"model.memory.embed_batch must be >= 1"):
+        make(0)
+    # Slicing the forwards is a speed setting: the features do not depend on it.
+    torch.manual_seed(0)
+    images = torch.rand(5, 3, 32, 32)
+    auto, whole = make("auto"), make(None)
+    whole.load_state_dict(auto.state_dict())
+    bank = auto.embed(images[:3]).reshape(-1, auto.embedder.out_dim)
+    auto.fit(bank)
+    whole.fit(bank)
+    sliced = predict_in_slices(auto, images, auto.embed_batch)  # as the system scores
+    full = whole.predict(images)
+    assert torch.equal(sliced.score, full.score)
+    assert torch.allclose(sliced.anomaly_map, full.anomaly_map, atol=1e-6)

@@ -27,6 +27,15 @@ from defectlab.components.sampler import num_samples
 from defectlab.errors import ConfigError
 from defectlab.models.output import AnomalyOutput
 
+AUTO = "auto"
+# model.memory.embed_batch=auto on CPU. ELPV mono, lite0 native, 10 % bank, 2 cores: evaluate.py
+# on one model file, two interleaved rounds, test pass 17.7 / 16.9 images/s with 8-image forwards,
+# 20.7 / 25.6 with 2, 19.3 / 22.8 with 1, 21.5 / 22.4 with 4, 17.0 with the whole 32-image batch;
+# interleaved train.py runs, 8 -> 2: fit 52.2 / 33.5 s -> 27.4 / 28.5 s, test 18.0 / 24.2 ->
+# 30.3 / 29.2 images/s, same AUROC (docs/benchmarks/search.md). Smaller forwards keep a core's
+# activations in cache.
+CPU_EMBED_BATCH = 2
+
 
 class PatchCore(nn.Module):
     """Memory bank of locally aware patch features, scored by nearest-neighbour distance.
@@ -43,7 +52,7 @@ class PatchCore(nn.Module):
         embed_chunk: images per patch-embedding pass (speed only; None = the whole batch).
         memory: how training embeddings are held while the bank is built: ``dtype`` of the
             pre-allocated buffer (float32 | float16 | bfloat16), ``embed_batch`` (images per
-            forward; None = the loader's batch), ``storage`` (``ram``, or ``disk``: raw rows in a
+            forward; None = the loader's batch; ``auto``: see :attr:`embed_batch`), ``storage`` (``ram``, or ``disk``: raw rows in a
             temporary file in ``spill_dir``, only the coreset's projections in memory) and
             ``chunk_vectors`` (None = one coreset over all rows; N = coreset each N-row chunk).
     """
@@ -80,7 +89,14 @@ class PatchCore(nn.Module):
         memory = dict(memory or {})
         self.buffer_dtype = buffer_dtype(memory.pop("dtype", "float32"))
         self.chunk_vectors = check_count("chunk_vectors", memory.pop("chunk_vectors", None))
-        self.embed_batch = check_count("embed_batch", memory.pop("embed_batch", None))
+        embed_batch = memory.pop("embed_batch", None)
+        if isinstance(embed_batch, str) and embed_batch != AUTO:
+            raise ConfigError(
+                f"model.memory.embed_batch={embed_batch}: use auto, a count >= 1 or null"
+            )
+        self._embed_batch = (
+            embed_batch if embed_batch == AUTO else check_count("embed_batch", embed_batch)
+        )
         self.storage = check_storage(memory.pop("storage", "ram"))
         self.spill_dir = memory.pop("spill_dir", None)
         if memory:
@@ -98,6 +114,17 @@ class PatchCore(nn.Module):
     def input_multiple(self) -> int:
         """Image sides must be multiples of this (checked from the config before any work)."""
         return self.extractor.input_multiple
+
+    @property
+    def embed_batch(self) -> int | None:
+        """Images per backbone forward, in fitting and scoring (None = the whole batch).
+
+        ``auto``: :data:`CPU_EMBED_BATCH` on CPU, the whole batch on a GPU (where larger
+        batches keep it busy; not measured here, no GPU was lent).
+        """
+        if self._embed_batch != AUTO:
+            return self._embed_batch
+        return CPU_EMBED_BATCH if self.memory_bank.device.type == "cpu" else None
 
     @property
     def is_fitted(self) -> bool:
