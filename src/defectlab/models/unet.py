@@ -35,7 +35,7 @@ class UNet(nn.Module):
     """Encoder-decoder with skip connections predicting a per-pixel defect probability.
 
     Supervised: ``loss(images, masks)`` needs masks (synthetic anomalies on good images, optionally
-    a few real labelled defects). Loss = class-balanced BCE + soft Dice. The anomaly map is the
+    a few real labeled defects). Loss = class-balanced BCE + soft Dice. The anomaly map is the
     Gaussian-smoothed probability; the image score is its maximum (or ``topk_mean``).
 
     Args:

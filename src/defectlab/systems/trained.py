@@ -29,7 +29,7 @@ class TrainedSystem(AnomalySystem):
     so the best-epoch checkpoint carries the calibration of its own weights.
 
     Supervised models (``model.supervised``) learn masks: synthetic ``anomalies`` are pasted onto
-    the good images of each batch; real labelled defects (``data.labeled_anomalies``) bring their
+    the good images of each batch; real labeled defects (``data.labeled_anomalies``) bring their
     own masks. The held-out loss uses the same kinds of synthetic defects from a fixed seed, so
     epochs are compared on identical data.
 
@@ -158,7 +158,7 @@ class TrainedSystem(AnomalySystem):
 
     def _good_training_images(self) -> Iterator[torch.Tensor]:
         for batch in self.trainer.datamodule.train_dataloader():
-            good = batch["label"] == 0  # real labelled defects (U-Net) are not normal
+            good = batch["label"] == 0  # real labeled defects (U-Net) are not normal
             if good.any():
                 yield batch["image"][good].to(self.device)
 
