@@ -52,9 +52,10 @@ class PatchCore(nn.Module):
         embed_chunk: images per patch-embedding pass (speed only; None = the whole batch).
         memory: how training embeddings are held while the bank is built: ``dtype`` of the
             pre-allocated buffer (float32 | float16 | bfloat16), ``embed_batch`` (images per
-            forward; None = the loader's batch; ``auto``: see :attr:`embed_batch`), ``storage`` (``ram``, or ``disk``: raw rows in a
-            temporary file in ``spill_dir``, only the coreset's projections in memory) and
-            ``chunk_vectors`` (None = one coreset over all rows; N = coreset each N-row chunk).
+            forward; None = the loader's batch; ``auto``: see :attr:`embed_batch`),
+            ``storage`` (``ram``, or ``disk``: raw rows in a temporary file in ``spill_dir``,
+            only the coreset's projections in memory) and ``chunk_vectors`` (None = one
+            coreset over all rows; N = coreset each N-row chunk).
     """
 
     # models.protocols.ResizableBuffers: the bank's row count comes from the saved model.
