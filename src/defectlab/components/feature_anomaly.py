@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectlab.components.perlin import perlin_mask
+from defectlab.components.synthetic_anomaly import check_region_draws, uniform
 from defectlab.errors import ConfigError
 
 
@@ -42,14 +43,9 @@ class FeatureNoise(nn.Module):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if not 0 < probability <= 1:
-            raise ConfigError(f"feature_noise.probability must be in (0, 1], got {probability}")
+        check_region_draws("feature_noise", probability, min_area, max_area)
         if std <= 0:
             raise ConfigError(f"feature_noise.std must be > 0, got {std}")
-        if not 0 < min_area <= max_area < 1:
-            raise ConfigError(
-                f"feature_noise.min_area={min_area}, max_area={max_area}: need 0 < min <= max < 1"
-            )
         self.probability = probability
         self.std = std
         self.min_area = min_area
@@ -69,9 +65,7 @@ class FeatureNoise(nn.Module):
         for i in range(b):
             if float(torch.rand((), generator=generator)) >= self.probability:
                 continue
-            area = self.min_area + (self.max_area - self.min_area) * float(
-                torch.rand((), generator=generator)
-            )
+            area = uniform(generator, self.min_area, self.max_area)
             masks[i] = perlin_mask(h0, w0, area, generator, max_cells=self.max_cells)
         masks = masks.to(features[0].device)
         noisy = []

@@ -57,8 +57,19 @@ def load_textures(names: Sequence[str]) -> list[torch.Tensor]:
     return out
 
 
-def _uniform(g: torch.Generator, low: float, high: float) -> float:
+def uniform(g: torch.Generator, low: float, high: float) -> float:
+    """One draw from ``[low, high)`` of generator ``g``."""
     return low + (high - low) * float(torch.rand((), generator=g))
+
+
+def check_region_draws(key: str, probability: float, min_area: float, max_area: float) -> None:
+    """ConfigError naming ``<key>.*`` unless probability is in (0, 1] and 0 < min <= max < 1."""
+    if not 0 < probability <= 1:
+        raise ConfigError(f"{key}.probability must be in (0, 1], got {probability}")
+    if not 0 < min_area <= max_area < 1:
+        raise ConfigError(
+            f"{key}.min_area={min_area}, max_area={max_area}: need 0 < min <= max < 1"
+        )
 
 
 def _randint(g: torch.Generator, high: int) -> int:
@@ -99,12 +110,7 @@ class SyntheticAnomalies(nn.Module):
         unknown = [k for k in kinds if k not in KINDS]
         if unknown or not kinds:
             raise ConfigError(f"anomalies.kinds={list(kinds)}: choose from {list(KINDS)}")
-        if not 0 < probability <= 1:
-            raise ConfigError(f"anomalies.probability must be in (0, 1], got {probability}")
-        if not 0 < min_area <= max_area < 1:
-            raise ConfigError(
-                f"anomalies.min_area={min_area}, max_area={max_area}: need 0 < min <= max < 1"
-            )
+        check_region_draws("anomalies", probability, min_area, max_area)
         unknown = [t for t in textures if t not in TEXTURES]
         if unknown:
             raise ConfigError(
@@ -153,8 +159,8 @@ class SyntheticAnomalies(nn.Module):
         return out, masks
 
     def _box(self, g: torch.Generator, h: int, w: int) -> tuple[int, int]:
-        area = _uniform(g, self.min_area, self.max_area) * h * w
-        aspect = math.exp(_uniform(g, math.log(0.3), math.log(3.3)))
+        area = uniform(g, self.min_area, self.max_area) * h * w
+        aspect = math.exp(uniform(g, math.log(0.3), math.log(3.3)))
         bh = max(2, min(h - 1, round(math.sqrt(area / aspect))))
         bw = max(2, min(w - 1, round(math.sqrt(area * aspect))))
         return bh, bw
@@ -167,7 +173,7 @@ class SyntheticAnomalies(nn.Module):
         bh, bw = self._box(g, h, w)
         sy, sx = _randint(g, h - bh + 1), _randint(g, w - bw + 1)
         ty, tx = _randint(g, h - bh + 1), _randint(g, w - bw + 1)
-        gain = torch.tensor([_uniform(g, 0.6, 1.4) for _ in range(3)], device=images.device)
+        gain = torch.tensor([uniform(g, 0.6, 1.4) for _ in range(3)], device=images.device)
         content = images[i].clone()
         patch = source[:, sy : sy + bh, sx : sx + bw] * gain.view(3, 1, 1)
         content[:, ty : ty + bh, tx : tx + bw] = patch.clamp(0, 1)
@@ -182,28 +188,28 @@ class SyntheticAnomalies(nn.Module):
         cells = 2 ** (2 + _randint(g, 3))  # 4, 8 or 16 cells across: blob scale
         field = torch.rand(1, 1, cells, cells, generator=g).to(images.device)
         field = F.interpolate(field, size=(h, w), mode="bicubic", align_corners=False)[0]
-        area = _uniform(g, self.min_area, self.max_area)
+        area = uniform(g, self.min_area, self.max_area)
         mask = (field >= torch.quantile(field.flatten(), 1 - area)).float()
         colour = torch.rand(3, 1, 1, generator=g).to(images.device)
-        beta = _uniform(g, 0.5, 1.0)
+        beta = uniform(g, 0.5, 1.0)
         content = ((1 - beta) * images[i] + beta * colour * (0.5 + images[i])).clamp(0, 1)
         return mask, content
 
     def _scratch(self, images: torch.Tensor, i: int, g: torch.Generator):
         # A thin straight segment, much brighter or darker than the surface.
         _, _, h, w = images.shape
-        y0, x0 = _uniform(g, 0.1, 0.9) * h, _uniform(g, 0.1, 0.9) * w
-        angle = _uniform(g, 0, math.pi)
-        half = _uniform(g, 0.1, 0.3) * max(h, w)
+        y0, x0 = uniform(g, 0.1, 0.9) * h, uniform(g, 0.1, 0.9) * w
+        angle = uniform(g, 0, math.pi)
+        half = uniform(g, 0.1, 0.3) * max(h, w)
         dy, dx = half * math.sin(angle), half * math.cos(angle)
-        width = max(1.0, _uniform(g, 0.005, 0.02) * max(h, w))
+        width = max(1.0, uniform(g, 0.005, 0.02) * max(h, w))
         ys = torch.arange(h, device=images.device, dtype=torch.float32).view(h, 1)
         xs = torch.arange(w, device=images.device, dtype=torch.float32).view(1, w)
         # Distance of every pixel to the segment (y0 - dy, x0 - dx) -> (y0 + dy, x0 + dx).
         t = (((ys - y0 + dy) * 2 * dy + (xs - x0 + dx) * 2 * dx) / (4 * half * half)).clamp(0, 1)
         dist = torch.hypot(ys - (y0 - dy + 2 * dy * t), xs - (x0 - dx + 2 * dx * t))
         mask = (dist <= width / 2).float().unsqueeze(0)
-        level = _uniform(g, 0.85, 1.0) if _randint(g, 2) else _uniform(g, 0.0, 0.15)
+        level = uniform(g, 0.85, 1.0) if _randint(g, 2) else uniform(g, 0.0, 0.15)
         content = torch.full_like(images[i], level)
         return mask, content
 
@@ -212,11 +218,11 @@ class SyntheticAnomalies(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # DRAEM: inside a Perlin mask the image becomes (1 - beta) * image + beta * fill.
         _, h, w = image.shape
-        area = _uniform(g, self.min_area, self.max_area)
+        area = uniform(g, self.min_area, self.max_area)
         mask = perlin_mask(h, w, area, g, min_cells=2, max_cells=self.max_cells).to(image.device)
         if bool((image[0] == image[1]).all() and (image[1] == image[2]).all()):
             fill = fill.mean(dim=0, keepdim=True).expand_as(fill)  # grayscale product
-        beta = _uniform(g, self.min_opacity, 1.0)
+        beta = uniform(g, self.min_opacity, 1.0)
         return mask, ((1 - beta) * image + beta * fill).clamp(0, 1)
 
     def _perlin_texture(self, images: torch.Tensor, i: int, g: torch.Generator):
@@ -224,14 +230,14 @@ class SyntheticAnomalies(nn.Module):
         _, _, h, w = images.shape
         texture = self.textures[_randint(g, len(self.textures))]
         th, tw = texture.shape[-2:]
-        side = round(_uniform(g, 0.25, 1.0) * min(th, tw))
+        side = round(uniform(g, 0.25, 1.0) * min(th, tw))
         y, x = _randint(g, th - side + 1), _randint(g, tw - side + 1)
         crop = texture[None, :, y : y + side, x : x + side]
         crop = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)[0]
         crop = torch.rot90(crop, _randint(g, 4), dims=(1, 2))
         if _randint(g, 2):
             crop = crop.flip(-1)
-        gain, offset = _uniform(g, 0.5, 1.5), _uniform(g, -0.3, 0.3)
+        gain, offset = uniform(g, 0.5, 1.5), uniform(g, -0.3, 0.3)
         fill = (crop.to(images.device) * gain + offset).clamp(0, 1)
         return self._perlin_fill(images[i], fill, g)
 
@@ -243,5 +249,5 @@ class SyntheticAnomalies(nn.Module):
         k = 1 + _randint(g, 3)
         fill = torch.rot90(source, k, dims=(1, 2)) if h == w else source.flip(-1)
         fill = torch.roll(fill, shifts=(_randint(g, h), _randint(g, w)), dims=(1, 2))
-        fill = (fill * _uniform(g, 0.6, 1.4)).clamp(0, 1)
+        fill = (fill * uniform(g, 0.6, 1.4)).clamp(0, 1)
         return self._perlin_fill(images[i], fill, g)
