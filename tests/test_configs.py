@@ -4,6 +4,7 @@ A broken ``_target_``, a key its class does not take or a missing mandatory valu
 before anyone runs a job with it.
 """
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,22 @@ def test_configs_from_before_the_system_group_keep_training_under_model_fit(tmp_
     system = build_run_system(OmegaConf.create(old))
     assert isinstance(system, TrainedSystem) and system.patience == 4
     assert system.max_epochs == 100 and system.anomalies.kinds == ["perlin_texture", "perlin_self"]
+
+
+def test_configs_from_before_hnsw_was_removed_still_build(tmp_path):
+    """Model files saved while the hnsw backend existed store its settings in model.knn."""
+    cfg = _train_cfg(["debug=tiny"], tmp_path)
+    old = OmegaConf.to_container(cfg, resolve=False)
+    old.pop("hydra")
+    old["model"]["knn"].update({"hnsw_m": 32, "ef_search": 64})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an exact run's unused settings: no warning
+        system = build_run_system(OmegaConf.create(old))
+    assert system.model.knn.backend == "exact"
+    old["model"]["knn"]["backend"] = "hnsw"
+    with pytest.warns(UserWarning, match="backend=hnsw was removed.*searched exactly"):
+        system = build_run_system(OmegaConf.create(old))
+    assert system.model.knn.backend == "exact"
+    new = _train_cfg(["debug=tiny", "model.knn.backend=hnsw"], tmp_path)
+    with pytest.raises(ConfigError, match="backend=hnsw was removed.*use model.knn.backend=exact"):
+        build_run_system(new)

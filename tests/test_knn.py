@@ -219,8 +219,8 @@ def test_k_larger_than_bank_and_bad_settings_are_config_errors():
         NearestNeighbors(block_rows=0)
     with pytest.raises(ConfigError, match="model.knn.nprobe"):
         NearestNeighbors("ivf", nprobe=0)
-    with pytest.raises(ConfigError, match="model.knn.hnsw_m"):
-        NearestNeighbors("hnsw", hnsw_m=1)
+    with pytest.raises(ConfigError, match="model.knn.backend=hnsw was removed"):
+        NearestNeighbors("hnsw")
     with pytest.raises(ConfigError, match="model.knn.refine"):
         NearestNeighbors("ivf", refine=0)
     with pytest.raises(ConfigError, match="pca_dim / refine apply to the approximate"):
@@ -264,17 +264,13 @@ def test_exact_search_on_cuda(precision):
         torch.testing.assert_close(dist.cpu(), ref_d.float(), atol=0, rtol=1e-6)
 
 
-def test_ivf_probing_every_cell_and_wide_hnsw_are_exact():
+def test_ivf_probing_every_cell_is_exact():
     g = torch.Generator().manual_seed(1)
     bank, queries = torch.randn(2000, 16, generator=g), torch.randn(50, 16, generator=g)
     ref_d, ref_i = brute_force(queries, bank, 3)
-    for knn in (
-        NearestNeighbors("ivf", nlist=16, nprobe=16),
-        NearestNeighbors("hnsw", hnsw_m=16, ef_search=2000),
-    ):
-        dist, idx = knn.fit(bank).search(queries, k=3)
-        assert torch.equal(idx, ref_i), knn.backend
-        torch.testing.assert_close(dist.double(), ref_d, atol=1e-4, rtol=1e-4)
+    dist, idx = NearestNeighbors("ivf", nlist=16, nprobe=16).fit(bank).search(queries, k=3)
+    assert torch.equal(idx, ref_i)
+    torch.testing.assert_close(dist.double(), ref_d, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("refine", [1, 2])
@@ -293,18 +289,16 @@ def test_approximate_search_never_beats_exact_and_fills_short_probes(refine):
     torch.testing.assert_close(dist, direct)
 
 
-@pytest.mark.parametrize("backend", ["ivf", "hnsw"])
-def test_pca_search_with_exact_refine(backend):
+def test_pca_search_with_exact_refine():
     # Patch features have most of their variance in few directions: 6-d structure in 48-d.
     g = torch.Generator().manual_seed(3)
     basis = torch.randn(6, 48, generator=g)
     bank = torch.randn(3000, 6, generator=g) @ basis + 0.3 * torch.randn(3000, 48, generator=g)
     queries = torch.randn(300, 6, generator=g) @ basis + 0.3 * torch.randn(300, 48, generator=g)
     exact, exact_idx = NearestNeighbors().fit(bank).search(queries, k=1)
-    opts = {"nlist": 20, "nprobe": 20} if backend == "ivf" else {"ef_search": 256}
     hits = {}
     for refine in (1, 8):
-        knn = NearestNeighbors(backend, pca_dim=5, refine=refine, **opts).fit(bank)
+        knn = NearestNeighbors("ivf", pca_dim=5, refine=refine, nlist=20, nprobe=20).fit(bank)
         dist, idx = knn.search(queries, k=1)
         assert torch.allclose(
             dist, torch.linalg.vector_norm(queries - bank[idx[:, 0]], dim=1)[:, None]

@@ -6,6 +6,7 @@ defaults: conf/system/) the Lightning system around it; each instantiates on its
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from hydra.errors import InstantiationException
@@ -28,6 +29,8 @@ TRAINED_KEYS = (
     "optimizer",
     "anomalies",
 )
+# model.knn settings of the removed hnsw backend, still in model files saved before its removal.
+REMOVED_KNN_KEYS = ("hnsw_m", "ef_search")
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:
@@ -62,12 +65,42 @@ def system_node(cfg: DictConfig) -> DictConfig:
 
 
 def model_node(cfg: DictConfig) -> DictConfig:
-    """The ``model`` node without ``fit`` (present only in configs from before the system group)."""
-    if cfg.model.get("fit") is None:
+    """The ``model`` node as today's classes take it, from a config of any earlier run.
+
+    Drops ``fit`` (configs from before the system group) and reads the removed ``hnsw`` search
+    backend's settings out of ``model.knn`` (:func:`_without_hnsw`).
+    """
+    knn = cfg.model.get("knn")
+    legacy_knn = isinstance(knn, DictConfig) and any(key in knn for key in REMOVED_KNN_KEYS)
+    if cfg.model.get("fit") is None and not legacy_knn:
         return cfg.model
     node = OmegaConf.to_container(cfg.model, resolve=True)
-    node.pop("fit")
+    node.pop("fit", None)
+    if legacy_knn:
+        node["knn"] = _without_hnsw(node["knn"])
     return OmegaConf.create(node)
+
+
+def _without_hnsw(knn: dict[str, Any]) -> dict[str, Any]:
+    """``model.knn`` of a run saved while the ``hnsw`` backend existed, for today's search.
+
+    Every model file of those runs stores ``hnsw_m`` and ``ef_search``, used or not: they are
+    dropped. A run that searched with ``hnsw`` is searched exactly: same bank, and each patch
+    distance can only be equal or lower than the graph search's (it could miss the nearest row),
+    so scores may differ slightly from the run's results.json; a warning says so.
+    """
+    knn = {key: value for key, value in knn.items() if key not in REMOVED_KNN_KEYS}
+    if knn.get("backend") == "hnsw":
+        warnings.warn(
+            "model.knn.backend=hnsw was removed (slower than exact search: "
+            "docs/benchmarks/search.md); this model's bank is searched exactly, so its scores "
+            "can be slightly lower than the run's own results.json. Retrain with "
+            "model.knn.backend=exact or ivf to silence this.",
+            UserWarning,
+            stacklevel=3,
+        )
+        knn["backend"] = "exact"
+    return knn
 
 
 def build_model(cfg: DictConfig) -> Any:

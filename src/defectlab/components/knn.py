@@ -1,4 +1,4 @@
-"""Nearest-neighbour search over a memory bank: exact blockwise search, or approximate faiss IVF/HNSW."""
+"""Nearest-neighbour search over a memory bank: exact blockwise search, or approximate faiss IVF."""
 
 from __future__ import annotations
 
@@ -23,20 +23,19 @@ class NearestNeighbors:
     Args:
         backend: ``exact`` (:class:`ExactSearch`: blockwise matrix products, low precision
             certified by an error bound; CPU and CUDA; the results of a float64 brute force), or
-            the approximate faiss indexes, ``ivf`` (inverted lists: k-means cells, ``nprobe`` of
-            ``nlist`` searched) and ``hnsw`` (graph, ``hnsw_m`` links per node, ``ef_search``
-            candidates per query). Approximate indexes may miss the true nearest neighbour, which
-            can only raise a distance (docs/benchmarks/search.md: where they are faster, and
-            their cost). ``auto``, ``torch`` and ``faiss`` are read as ``exact`` (runs saved
-            before it existed).
+            the approximate faiss index ``ivf`` (inverted lists: k-means cells, ``nprobe`` of
+            ``nlist`` searched), which may miss the true nearest neighbour; that can only raise a
+            distance (docs/benchmarks/search.md: where it is faster, and its cost). ``auto``,
+            ``torch`` and ``faiss`` are read as ``exact`` (runs saved before it existed). The
+            ``hnsw`` graph index was removed: it was slower than exact search (40.6 against
+            34.4 ms per image on the ELPV 10 % bank); :func:`defectlab.build.model_node` reads
+            runs saved with it as ``exact``.
         precision: ``exact``: ``auto`` (bfloat16 on CPU / float16 on CUDA where measured faster
             than float32, once per process), ``float32``, ``bfloat16`` or ``float16``. Speed only.
         block_rows: ``exact``: bank rows per matrix product (None = sized to the L2 caches).
         query_rows: ``exact``: queries per chunk (None = sized to the bank).
         nlist: ``ivf`` cells (0 = 4 * sqrt(bank size), faiss's rule of thumb).
         nprobe: ``ivf`` cells searched per query.
-        hnsw_m: ``hnsw`` neighbours per node.
-        ef_search: ``hnsw`` search breadth.
         pca_dim: approximate indexes only: search in the bank's top ``pca_dim`` principal
             components (0 = full dimension). Cuts the per-query work by ``D / pca_dim``; pair it
             with ``refine`` so the final pick is made on exact distances.
@@ -46,8 +45,8 @@ class NearestNeighbors:
             (exported models; :func:`traceable_search`).
     """
 
-    BACKENDS = ("exact", "ivf", "hnsw")
-    APPROXIMATE = ("ivf", "hnsw")
+    BACKENDS = ("exact", "ivf")
+    APPROXIMATE = ("ivf",)
     LEGACY = ("auto", "torch", "faiss")  # exact, under the names of earlier runs
 
     def __init__(
@@ -58,8 +57,6 @@ class NearestNeighbors:
         query_rows: int | None = None,
         nlist: int = 0,
         nprobe: int = 8,
-        hnsw_m: int = 32,
-        ef_search: int = 64,
         pca_dim: int = 0,
         refine: int = 1,
         *,
@@ -67,6 +64,11 @@ class NearestNeighbors:
     ) -> None:
         if backend in self.LEGACY:
             backend = "exact"
+        if backend == "hnsw":
+            raise ConfigError(
+                "model.knn.backend=hnsw was removed: it was slower than exact search "
+                "(docs/benchmarks/search.md); use model.knn.backend=exact, or ivf for speed"
+            )
         if backend not in self.BACKENDS:
             raise ConfigError(f"model.knn.backend={backend}: choose one of {self.BACKENDS}")
         if backend in self.APPROXIMATE and faiss is None:
@@ -80,8 +82,6 @@ class NearestNeighbors:
         for key, value, low in [
             ("nlist", nlist, 0),
             ("nprobe", nprobe, 1),
-            ("hnsw_m", hnsw_m, 2),
-            ("ef_search", ef_search, 1),
             ("pca_dim", pca_dim, 0),
             ("refine", refine, 1),
             ("block_rows", 1 if block_rows is None else block_rows, 1),
@@ -97,7 +97,6 @@ class NearestNeighbors:
         self.backend = backend
         self.precision, self.block_rows, self.query_rows = precision, block_rows, query_rows
         self.nlist, self.nprobe = nlist, nprobe
-        self.hnsw_m, self.ef_search = hnsw_m, ef_search
         self.pca_dim, self.refine = pca_dim, refine
         self.traceable = traceable
         self._bank: torch.Tensor | None = None
@@ -109,7 +108,7 @@ class NearestNeighbors:
         return 0 if self._bank is None else len(self._bank)
 
     def _new_index(self, bank: np.ndarray):
-        """The trained and filled approximate index (``ivf`` or ``hnsw``) over ``bank``."""
+        """The trained and filled approximate ``ivf`` index over ``bank``."""
         dim = bank.shape[1]
         if self.pca_dim >= dim:
             raise ConfigError(
@@ -117,14 +116,10 @@ class NearestNeighbors:
                 "(0 = no projection)"
             )
         inner_dim = self.pca_dim or dim
-        if self.backend == "hnsw":
-            index = faiss.IndexHNSWFlat(inner_dim, self.hnsw_m)
-            index.hnsw.efSearch = self.ef_search
-        else:  # ivf
-            nlist = self.nlist or round(4 * math.sqrt(len(bank)))
-            nlist = max(1, min(nlist, len(bank) // 39 or 1))  # faiss wants >= 39 points per cell
-            index = faiss.IndexIVFFlat(faiss.IndexFlatL2(inner_dim), inner_dim, nlist)
-            index.nprobe = min(self.nprobe, nlist)
+        nlist = self.nlist or round(4 * math.sqrt(len(bank)))
+        nlist = max(1, min(nlist, len(bank) // 39 or 1))  # faiss wants >= 39 points per cell
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(inner_dim), inner_dim, nlist)
+        index.nprobe = min(self.nprobe, nlist)
         # faiss's Python wrappers keep the wrapped index alive, and train() trains the chain.
         if self.pca_dim:
             index = faiss.IndexPreTransform(faiss.PCAMatrix(dim, self.pca_dim), index)
