@@ -211,6 +211,20 @@ def test_pretrained_unet_shapes_and_frozen_encoder(finetune):
     assert out.anomaly_map.min() >= 0 and out.anomaly_map.max() <= 1
 
 
+def test_pretrained_unet_decodes_a_stride_4_skip_level():
+    # experiment=unet_fast's skips: blocks.1 (stride 4) under blocks.2 and blocks.4
+    torch.manual_seed(0)
+    model = UNet(extractor=_lite0(layers=("blocks.1", "blocks.2", "blocks.4")), decoder_channels=8)
+    images = torch.rand(2, 3, 64, 48)
+    skips = model.encode(images)
+    assert [s.shape[-2:] for s in skips] == [(16, 12), (8, 6), (4, 3)]
+    assert model(images).shape == (2, 1, 64, 48)
+    masks = torch.zeros(2, 1, 64, 48)
+    masks[0, :, 8:24, 8:24] = 1
+    model.loss(images, masks).backward()
+    assert model.head.weight.grad is not None
+
+
 def test_unet_feature_noise_targets_only_clean_images():
     torch.manual_seed(0)
     noise = FeatureNoise(probability=1.0, std=1.0, min_area=0.2, max_area=0.3)
