@@ -58,6 +58,7 @@ VARIANTS = {
     "native_k3": ["embedding=native", "model.k=3"],
     "native_ensemble": ["embedding=native", "backbone=ensemble"],
     "native_random": ["embedding=native", "sampler=random"],
+    "native_full": ["embedding=native", "sampler=none"],
 }
 # Synthetic validation defects (components.SyntheticAnomalies): "default" is the block of
 # conf/hparams_search/patchcore_optuna.yaml; "small" draws 5x smaller ones.
