@@ -184,10 +184,20 @@ def _lite0(pretrained: bool = False, layers=("blocks.2", "blocks.4")) -> Feature
     )
 
 
-@pytest.mark.parametrize("finetune", [False, True])
-def test_pretrained_unet_shapes_and_frozen_encoder(finetune):
+B24, B124 = ("blocks.2", "blocks.4"), ("blocks.1", "blocks.2", "blocks.4")
+
+
+@pytest.mark.parametrize(
+    ("finetune", "layers", "grids"),
+    [
+        (False, B24, [(8, 6), (4, 3)]),
+        (True, B24, [(8, 6), (4, 3)]),
+        (False, B124, [(16, 12), (8, 6), (4, 3)]),  # experiment=unet_fast: stride-4 skip too
+    ],
+)
+def test_pretrained_unet_shapes_and_frozen_encoder(finetune, layers, grids):
     torch.manual_seed(0)
-    model = UNet(extractor=_lite0(), finetune=finetune, decoder_channels=8)
+    model = UNet(extractor=_lite0(layers=layers), finetune=finetune, decoder_channels=8)
     assert model.input_multiple == 16
     encoder = list(model.extractor.parameters())
     assert all(p.requires_grad is finetune for p in encoder)
@@ -197,7 +207,7 @@ def test_pretrained_unet_shapes_and_frozen_encoder(finetune):
     images = torch.rand(2, 3, 64, 48)
     assert model(images).shape == (2, 1, 64, 48)
     skips = model.encode(images)
-    assert [s.shape[-2:] for s in skips] == [(8, 6), (4, 3)]
+    assert [s.shape[-2:] for s in skips] == grids
     masks = torch.zeros(2, 1, 64, 48)
     masks[0, :, 8:24, 8:24] = 1
     model.train()
@@ -209,20 +219,6 @@ def test_pretrained_unet_shapes_and_frozen_encoder(finetune):
     out = model.predict(images)
     assert out.anomaly_map.shape == (2, 1, 64, 48) and out.score.shape == (2,)
     assert out.anomaly_map.min() >= 0 and out.anomaly_map.max() <= 1
-
-
-def test_pretrained_unet_decodes_a_stride_4_skip_level():
-    # experiment=unet_fast's skips: blocks.1 (stride 4) under blocks.2 and blocks.4
-    torch.manual_seed(0)
-    model = UNet(extractor=_lite0(layers=("blocks.1", "blocks.2", "blocks.4")), decoder_channels=8)
-    images = torch.rand(2, 3, 64, 48)
-    skips = model.encode(images)
-    assert [s.shape[-2:] for s in skips] == [(16, 12), (8, 6), (4, 3)]
-    assert model(images).shape == (2, 1, 64, 48)
-    masks = torch.zeros(2, 1, 64, 48)
-    masks[0, :, 8:24, 8:24] = 1
-    model.loss(images, masks).backward()
-    assert model.head.weight.grad is not None
 
 
 def test_unet_feature_noise_targets_only_clean_images():
