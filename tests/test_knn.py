@@ -40,11 +40,12 @@ def assert_exact(search, queries, bank, k):
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("k", [1, 9])
 @pytest.mark.parametrize(
-    ("rows", "dim", "block"), [(1001, 152, 64), (777, 24, 100), (333, 1024, 96)]
+    ("rows", "dim", "block"), [(1001, 152, 64), (777, 24, 300), (333, 1024, 200)]
 )
 def test_exact_search_equals_float64_brute_force(precision, k, rows, dim, block):
-    # Bank sizes that are not multiples of the block, offset features (not centred), and several
-    # query chunks.
+    # Bank sizes that are not multiples of the block, blocks of one to four super groups
+    # (block_rows rounds down to GROUP_ROWS * SUPER_GROUPS = 64 rows), offset features (not
+    # centred), and several query chunks.
     g = torch.Generator().manual_seed(rows)
     bank = torch.randn(rows, dim, generator=g) * 2 + 5
     queries = torch.randn(150, dim, generator=g) * 2 + 5
@@ -88,7 +89,7 @@ def problems(draw):
         queries = torch.cat([queries, bank[: draw(st.integers(1, rows))]])
         bank = torch.cat([bank, bank[: draw(st.integers(0, rows))]])
     k = draw(st.integers(1, min(9, len(bank))))
-    block = draw(st.integers(4, 64))
+    block = draw(st.integers(4, 256))  # 64-256 rows: one to four super groups per block
     return bank, queries, k, block, draw(st.sampled_from(PRECISIONS))
 
 

@@ -19,6 +19,7 @@ Ties (equal float64 distances, e.g. duplicate bank rows) go to the lower bank in
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -36,6 +37,12 @@ from defectlab.components.rounding import TINY, UNIT, fp32_bound, gamma, low_pre
 # lite0 banks (784 queries): the group maxima cost the same for 4 to 32 rows; fewer rows per group
 # leave fewer candidates to measure.
 GROUP_ROWS = 4
+# Row groups per super group: pass 1 also keeps each super group's maximum, so that choosing
+# candidates reads a query's 20-odd super maxima per block, then only the groups of the super
+# groups that reach the threshold, instead of all of a block's groups (each a strided read of the
+# group maxima). ELPV mono bank (24,932 x 152), 8 test images, 2 threads, bfloat16, same process:
+# median search 20.4 -> 16.3 ms per image at 16 groups (8: 18.0 ms, 32: 18.0 ms).
+SUPER_GROUPS = 16
 # Bytes of group maxima kept per query chunk (sets the queries per chunk on large banks).
 GROUP_STATS_BYTES = 32 * 2**20
 # Bytes of candidate bank rows gathered at once to measure their distances.
@@ -51,7 +58,7 @@ class ExactSearch:
             :func:`low_precision_is_faster`), ``float32``, ``bfloat16`` (CPU) or ``float16``
             (CUDA). Results are the same for all; only speed differs.
         block_rows: bank rows per product (None = :func:`default_block_rows`), rounded down to a
-            multiple of ``GROUP_ROWS``.
+            multiple of ``GROUP_ROWS * SUPER_GROUPS``.
         query_rows: queries per chunk (None = as many as keep the group maxima within
             ``GROUP_STATS_BYTES``, at least 256).
     """
@@ -140,27 +147,29 @@ class ExactSearch:
 
     def _search_chunk(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._low_bank is None:
-            return self._rank(queries, *self._candidates(*self._pass1_fp32(queries, k), k), k)
+            return self._rank(queries, *self._candidates(self._pass1_fp32(queries, k), k), k)
         low = self._low_queries(queries)
         fits = self._fits(low[1])
         if bool(fits.all()):
-            return self._rank(queries, *self._candidates(*self._pass1_low(low, k), k), k)
+            return self._rank(queries, *self._candidates(self._pass1_low(low, k), k), k)
         ids, rest = fits.nonzero()[:, 0], (~fits).nonzero()[:, 0]
-        q1, r1 = self._candidates(*self._pass1_low((low[0][ids], low[1][ids]), k), k)
-        q2, r2 = self._candidates(*self._pass1_fp32(queries[rest], k), k)
+        q1, r1 = self._candidates(self._pass1_low((low[0][ids], low[1][ids]), k), k)
+        q2, r2 = self._candidates(self._pass1_fp32(queries[rest], k), k)
         query, rows = torch.cat([ids[q1], rest[q2]]), torch.cat([r1, r2])
         return self._rank(queries, query, rows, k)
 
     def _pass1(self, product, norms, bound, n: int, k: int, dtype: torch.dtype, out_unit: float):
-        """Group maxima ``(blocks, groups, n)`` and each block's top-k of them ``(blocks, k, n)``."""
+        """Scores of pass 1, reduced: see :class:`Pass1`."""
         rows = len(self.bank)
         block = self.block_rows or default_block_rows(self.bank.device, n, dtype.itemsize)
-        block = max(GROUP_ROWS, block - block % GROUP_ROWS)
+        unit = GROUP_ROWS * SUPER_GROUPS
+        block = max(unit, block - block % unit)
         blocks = math.ceil(rows / block)
         groups = block // GROUP_ROWS
         device = self.bank.device
         maxima = torch.empty(blocks, groups, n, dtype=dtype, device=device)
         maxima[-1, math.ceil((rows - (blocks - 1) * block) / GROUP_ROWS) :] = -math.inf
+        supers = torch.empty(blocks, groups // SUPER_GROUPS, n, dtype=dtype, device=device)
         # One output tile, reused: a fresh megabyte-sized tensor per product is a fresh mapping
         # from the OS on CPU (page faults on every block). CUDA's allocator caches its own.
         tile = None if device.type == "cuda" else torch.empty(block, n, dtype=dtype, device=device)
@@ -168,14 +177,13 @@ class ExactSearch:
             start, stop = b * block, min(rows, (b + 1) * block)
             y = product(start, stop, None if tile is None else tile[: stop - start])
             whole = (stop - start) // GROUP_ROWS * GROUP_ROWS
-            torch.amax(
-                y[:whole].view(-1, GROUP_ROWS, n), dim=1, out=maxima[b, : whole // GROUP_ROWS]
-            )
+            _group_maxima(y[:whole], maxima[b, : whole // GROUP_ROWS])
             if whole < stop - start:
                 maxima[b, whole // GROUP_ROWS] = y[whole:].amax(0)
-        # Each block's top-k group maxima, all blocks in one call.
-        top = maxima.topk(min(k, groups), dim=1).values if k > 1 else maxima.amax(1, keepdim=True)
-        return maxima, top, bound(_block_maxima(norms, block)), block, out_unit
+            torch.amax(maxima[b].view(-1, SUPER_GROUPS, n), dim=1, out=supers[b])
+        # Each block's top-k group maxima, all blocks in one call (k = 1: the super maxima's).
+        top = maxima.topk(min(k, groups), dim=1).values if k > 1 else supers.amax(1, keepdim=True)
+        return Pass1(maxima, supers, top, bound(_block_maxima(norms, block)), block, out_unit)
 
     def _low_queries(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries as the low-precision product reads them, and upper bounds of their norms."""
@@ -232,18 +240,20 @@ class ExactSearch:
 
     # ---- pass 2 ---------------------------------------------------------------------------
 
-    def _candidates(self, maxima, top, error, block, out_unit, k):
+    def _candidates(self, p: Pass1, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(query, first row)`` of every row group that can hold one of a query's k nearest.
 
         Every kept score y_hat is within ``error + u' |y_hat|`` of its true value (u' from the
         output rounding), a monotone band. Each block's top-k group maxima belong to distinct
         rows whose true score is at least ``y_hat - u'|y_hat| - E``: the k-th largest of those,
         ``lower``, bounds the k-th best true score from below. A row can only be among the k best
-        if ``y_hat + u'|y_hat| + E >= lower``; groups whose maximum fails it are out.
+        if ``y_hat + u'|y_hat| + E >= lower``; groups whose maximum fails it are out. The test
+        runs on blocks, then on their super groups, then on the groups of the super groups
+        that pass (a maximum that fails it rules out everything under it).
         """
-        u = out_unit / (1 - out_unit)
-        top64 = top.double()
-        reach = top64 - error[:, None]  # (blocks, k, n); padding groups are -inf
+        u = p.out_unit / (1 - p.out_unit)
+        top64 = p.top.double()
+        reach = top64 - p.error[:, None]  # (blocks, k, n); padding groups are -inf
         if u:  # (not 0 * inf)
             reach = reach - u * top64.abs()
         blocks, kk, n = reach.shape
@@ -254,19 +264,17 @@ class ExactSearch:
             lower = flat.topk(k, dim=1).values[:, -1] if k > 1 else flat.amax(1)
         # f(y) = y + u|y| is increasing; the threshold on y_hat is f^-1(lower - E), widened by a
         # relative 1e-9 for the float64 arithmetic of the bound itself.
-        need = lower[None] - error  # (blocks, n)
+        need = lower[None] - p.error  # (blocks, n)
         need = need - 1e-9 * need.abs() - 1e-30
         threshold = torch.where(need >= 0, need / (1 + u), need / (1 - u))
-        hit_blocks = top64[:, 0] >= threshold
-        b_idx, q_idx = hit_blocks.nonzero(as_tuple=True)
-        groups = maxima.shape[1]
-        # maxima[b_idx, :, q_idx] as a gather of flat offsets (indexing around a slice copies all)
-        offsets = (b_idx * groups * n + q_idx)[:, None] + n * torch.arange(
-            groups, device=b_idx.device
-        )
-        group_max = maxima.view(-1)[offsets].double()  # (pairs, groups)
-        pair, group = (group_max >= threshold[b_idx, q_idx][:, None]).nonzero(as_tuple=True)
-        return q_idx[pair], b_idx[pair] * block + group * GROUP_ROWS
+        b_idx, q_idx = (top64[:, 0] >= threshold).nonzero(as_tuple=True)
+        threshold = threshold[b_idx, q_idx]
+        # passing blocks -> their passing super groups (block * supers + s) -> their passing
+        # groups (block * groups + g, the bank's group number: its first row is GROUP_ROWS x it)
+        cell, q_idx, threshold = _passing(p.supers, b_idx, q_idx, threshold)
+        groups = p.maxima.view(-1, SUPER_GROUPS, n)  # (blocks * supers, SUPER_GROUPS, n)
+        group, q_idx, _ = _passing(groups, cell, q_idx, threshold)
+        return q_idx, group * GROUP_ROWS
 
     def _rank(self, queries, query, start, k):
         """The k nearest rows of each query's candidate groups ``(query, first row)``.
@@ -335,6 +343,56 @@ class ExactSearch:
             diff -= queries.index_select(0, query[i : i + step])
             parts.append(torch.linalg.vecdot(diff, diff))
         return torch.cat(parts) if parts else queries.new_empty(0, dtype=torch.float64)
+
+
+@dataclass
+class Pass1:
+    """What pass 1 keeps of one query chunk's scores.
+
+    Attributes:
+        maxima: each row group's maximum score ``(blocks, groups, n)``.
+        supers: each super group's maximum ``(blocks, groups / SUPER_GROUPS, n)``.
+        top: each block's k best group maxima ``(blocks, k, n)`` (k = 1: its maximum).
+        error: the score error bound of each block and query ``(blocks, n)``.
+        block: bank rows per block (a multiple of ``GROUP_ROWS * SUPER_GROUPS``).
+        out_unit: unit roundoff of the product's output (0 when it is float32).
+    """
+
+    maxima: torch.Tensor
+    supers: torch.Tensor
+    top: torch.Tensor
+    error: torch.Tensor
+    block: int
+    out_unit: float
+
+
+def _group_maxima(y: torch.Tensor, out: torch.Tensor) -> None:
+    """Maximum of each ``GROUP_ROWS`` consecutive rows of ``y`` into ``out``.
+
+    Elementwise maxima of strided row views: 2.2x faster than ``amax`` over a ``(-1, 4, n)``
+    view for the 2 MB product tiles here (5.1 against 11.3 ms added to the products of
+    24,932 rows, 2 threads, loaded machine).
+    """
+    torch.maximum(y[0::GROUP_ROWS], y[1::GROUP_ROWS], out=out)
+    for j in range(2, GROUP_ROWS):
+        torch.maximum(out, y[j::GROUP_ROWS], out=out)
+
+
+def _passing(
+    maxima: torch.Tensor, cell: torch.Tensor, query: torch.Tensor, threshold: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The entries of ``maxima (cells, parts, n)`` reaching each pair's threshold.
+
+    For each ``(cell, query)`` pair, ``maxima[cell, :, query]`` is read (one gather of flat
+    offsets: indexing around a slice would copy all of it) and compared with its float64
+    ``threshold``. Returns ``cell * parts + part``, the query and the threshold of each entry
+    that reaches it.
+    """
+    parts, n = maxima.shape[1], maxima.shape[2]
+    offsets = (cell * parts * n + query)[:, None] + n * torch.arange(parts, device=cell.device)
+    values = maxima.reshape(-1)[offsets].double()  # (pairs, parts)
+    pair, part = (values >= threshold[:, None]).nonzero(as_tuple=True)
+    return cell[pair] * parts + part, query[pair], threshold[pair]
 
 
 def _norms64(rows: torch.Tensor) -> torch.Tensor:
