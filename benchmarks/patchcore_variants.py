@@ -59,6 +59,8 @@ VARIANTS = {
     "native_ensemble": ["embedding=native", "backbone=ensemble"],
     "native_random": ["embedding=native", "sampler=random"],
     "native_full": ["embedding=native", "sampler=none"],
+    "native_mobilenet": ["embedding=native", "backbone=mobilenet_v2"],
+    "native_p5": ["embedding=native", "embedding.patch_size=5"],
 }
 # Synthetic validation defects (components.SyntheticAnomalies): "default" is the block of
 # conf/hparams_search/patchcore_optuna.yaml; "small" draws 5x smaller ones.
