@@ -110,7 +110,9 @@ def test_trained_models_need_a_held_out_slice(make_cfg, tmp_path):
 
 def test_presets_and_vit_compose(make_cfg):
     cae = make_cfg("experiment=cae_fast")
-    assert (cae.model_name, cae.data.image_size, cae.trainer.max_epochs) == ("cae", 128, 30)
+    assert (cae.model_name, cae.data.image_size) == ("cae", 128)
+    # a step budget, as the U-Net's: 36-image textures train as long as ELPV mono
+    assert (cae.trainer.min_steps, cae.trainer.max_steps) == (300, 600)
     unet = make_cfg("experiment=unet_fast", "data=synthetic", "data.category=grass")
     assert unet.model_name == "unet" and unet.system.anomalies.kinds
     assert unet.data.root.endswith("synthetic")
