@@ -41,7 +41,8 @@ GROUP_ROWS = 4
 # candidates reads a query's 20-odd super maxima per block, then only the groups of the super
 # groups that reach the threshold, instead of all of a block's groups (each a strided read of the
 # group maxima). ELPV mono bank (24,932 x 152), 8 test images, 2 threads, bfloat16, same process:
-# median search 20.4 -> 16.3 ms per image at 16 groups (8: 18.0 ms, 32: 18.0 ms).
+# median search per image 24.1 ms without super groups, 19.5 ms with 16 (docs/benchmarks/search.md);
+# 4 / 8 / 16 / 32 groups per super group interleaved: 14.3 / 14.1 / 13.8 / 14.0 ms.
 SUPER_GROUPS = 16
 # Bytes of group maxima kept per query chunk (sets the queries per chunk on large banks).
 GROUP_STATS_BYTES = 32 * 2**20
