@@ -1,5 +1,7 @@
 """CAE and U-Net: pure models, synthetic anomalies, the trained system and its configs."""
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -288,3 +290,28 @@ def test_trained_system_checks_its_settings_and_the_trainer_epochs():
     system = TrainedSystem(cae, adam, max_epochs=3, max_steps=600)
     with pytest.raises(ConfigError, match=r"trainer.max_steps=-1 but system.max_steps=600"):
         system.fit(trainer, datamodule=None)
+    with pytest.raises(ConfigError, match=r"system.lr_schedule=linear: choose one of"):
+        TrainedSystem(cae, adam, lr_schedule="linear")
+
+
+def test_cosine_schedule_falls_to_zero_over_the_step_budget():
+    from functools import partial
+    from types import SimpleNamespace
+
+    from defectlab.systems import TrainedSystem
+
+    cae = ConvAutoencoder(depth=2, channels=4, latent_dim=4)
+    adam = partial(torch.optim.Adam, lr=1e-3)
+    assert isinstance(TrainedSystem(cae, adam).configure_optimizers(), torch.optim.Adam)
+    system = TrainedSystem(cae, adam, lr_schedule="cosine")
+    system._trainer = SimpleNamespace(estimated_stepping_batches=10)  # what Lightning estimates
+    config = system.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert config["lr_scheduler"]["interval"] == "step"
+    rates = []
+    for _ in range(10):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == 1e-3 and all(a > b for a, b in itertools.pairwise(rates))  # every step
+    assert rates[5] == pytest.approx(5e-4) and optimizer.param_groups[0]["lr"] == pytest.approx(0)

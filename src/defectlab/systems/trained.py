@@ -20,6 +20,7 @@ from defectlab.systems.reports import FitReport, TrainingReport
 
 MONITOR = "val/loss"
 BEST = "best"  # file name (without .ckpt) of the best-epoch checkpoint under checkpoints/
+LR_SCHEDULES = ("constant", "cosine")  # system.lr_schedule
 
 
 class TrainedSystem(AnomalySystem):
@@ -46,6 +47,8 @@ class TrainedSystem(AnomalySystem):
         min_delta: smallest decrease of the held-out loss that counts as improvement.
         anomalies: synthetic defect generator (supervised models need it unless they synthesise
             their own, e.g. the U-Net's ``feature_noise``).
+        lr_schedule: ``constant`` or ``cosine`` (the learning rate falls to 0 over the run's
+            step budget, per step).
         **kwargs: see :class:`AnomalySystem`.
     """
 
@@ -61,6 +64,7 @@ class TrainedSystem(AnomalySystem):
         patience: int = 10,
         min_delta: float = 0.0,
         anomalies: SyntheticAnomalies | None = None,
+        lr_schedule: str = "constant",
         **kwargs: Any,
     ) -> None:
         if not isinstance(model, TrainedModel):
@@ -71,6 +75,8 @@ class TrainedSystem(AnomalySystem):
         super().__init__(model, **kwargs)
         if patience < 1:
             raise ConfigError(f"system.patience must be >= 1, got {patience}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"system.lr_schedule={lr_schedule}: choose one of {LR_SCHEDULES}")
         if self.supervised and anomalies is None and not model.synthesizes_defects:
             raise ConfigError(
                 f"{type(model).__name__} is supervised: set system.anomalies (synthetic defects, "
@@ -83,6 +89,7 @@ class TrainedSystem(AnomalySystem):
         self.patience = patience
         self.min_delta = min_delta
         self.anomalies = anomalies
+        self.lr_schedule = lr_schedule
         self.val_loss_history: list[float] = []  # mean held-out loss per epoch
         self._val_loss = [0.0, 0]  # running sum, count
 
@@ -167,9 +174,19 @@ class TrainedSystem(AnomalySystem):
         if self._val_loss[1]:
             self.val_loss_history.append(self._val_loss[0] / self._val_loss[1])
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
         # Frozen encoder weights have no gradient: leave them out of the optimiser's state.
-        return self.optimizer_factory(p for p in self.model.parameters() if p.requires_grad)
+        optimizer = self.optimizer_factory(p for p in self.model.parameters() if p.requires_grad)
+        if self.lr_schedule == "constant":
+            return optimizer
+        # cosine: the learning rate falls to 0 over the run's step budget (max_steps, or
+        # max_epochs x batches), updated every step; early stopping may end it sooner.
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     def configure_callbacks(self) -> list[Callback]:
         """Early stopping and best-epoch checkpointing on the held-out loss (while fitting)."""
