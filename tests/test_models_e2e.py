@@ -118,6 +118,7 @@ def test_presets_and_vit_compose(make_cfg):
     assert unet.data.root.endswith("synthetic")
     assert unet.system.anomalies.exclude_textures == ["grass"]  # never the product's texture
     assert (unet.trainer.min_steps, unet.trainer.max_steps) == (300, 600)
+    assert (unet.system.lr_schedule, cae.system.lr_schedule) == ("cosine", "constant")
     assert list(unet.backbone.layers) == ["blocks.1", "blocks.2", "blocks.4"]  # stride-4 skip
     assert make_cfg().trainer.max_epochs == 1  # memory banks: one pass
     vit = make_cfg("backbone=vit_base_patch16_224", "model=feature_knn", "model.pooling=cls")
