@@ -184,7 +184,7 @@ class ExactSearch:
             torch.amax(maxima[b].view(-1, SUPER_GROUPS, n), dim=1, out=supers[b])
         # Each block's top-k group maxima, all blocks in one call (k = 1: the super maxima's).
         top = maxima.topk(min(k, groups), dim=1).values if k > 1 else supers.amax(1, keepdim=True)
-        return Pass1(maxima, supers, top, bound(_block_maxima(norms, block)), block, out_unit)
+        return Pass1(maxima, supers, top, bound(_block_maxima(norms, block)), out_unit)
 
     def _low_queries(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries as the low-precision product reads them, and upper bounds of their norms."""
@@ -355,7 +355,6 @@ class Pass1:
         supers: each super group's maximum ``(blocks, groups / SUPER_GROUPS, n)``.
         top: each block's k best group maxima ``(blocks, k, n)`` (k = 1: its maximum).
         error: the score error bound of each block and query ``(blocks, n)``.
-        block: bank rows per block (a multiple of ``GROUP_ROWS * SUPER_GROUPS``).
         out_unit: unit roundoff of the product's output (0 when it is float32).
     """
 
@@ -363,7 +362,6 @@ class Pass1:
     supers: torch.Tensor
     top: torch.Tensor
     error: torch.Tensor
-    block: int
     out_unit: float
 
 
