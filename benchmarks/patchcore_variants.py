@@ -63,10 +63,15 @@ VARIANTS = {
     "native_p5": ["embedding=native", "embedding.patch_size=5"],
 }
 # Synthetic validation defects (components.SyntheticAnomalies): "default" is the block of
-# conf/hparams_search/patchcore_optuna.yaml; "small" draws 5x smaller ones.
+# conf/hparams_search/patchcore_optuna.yaml; "small" draws 5x smaller ones; "perlin" draws the
+# U-Net's training defects (DRAEM-style Perlin regions filled with a turned copy of another good
+# image or a scikit-image texture, opacity U(0.2, 1)) at the small areas: fainter and less
+# regular than pasted shapes, to test whether harder defects rank ELPV's variants better.
+CLASSIC = ["cutpaste", "blob", "scratch"]
 GENERATORS = {
-    "default": {"min_area": 0.005, "max_area": 0.05},
-    "small": {"min_area": 0.001, "max_area": 0.01},
+    "default": {"kinds": CLASSIC, "min_area": 0.005, "max_area": 0.05},
+    "small": {"kinds": CLASSIC, "min_area": 0.001, "max_area": 0.01},
+    "perlin": {"kinds": ["perlin_self", "perlin_texture"], "min_area": 0.001, "max_area": 0.01},
 }
 QUIET = ["trainer.enable_progress_bar=false", "eval.images.max_per_type=0", "eval.plots=false"]
 TEST_METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
@@ -100,7 +105,7 @@ def score(run_dir: Path, generator: str, repeats: int) -> dict[str, float]:
     loaded = load_model(run_dir)
     system = loaded.system.eval()
     system.validation_anomalies = SyntheticAnomalies(
-        kinds=["cutpaste", "blob", "scratch"], probability=1.0, seed=0, **GENERATORS[generator]
+        probability=1.0, seed=0, **GENERATORS[generator]
     )
     system.evaluation["validation_repeats"] = repeats
     datamodule = instantiate(loaded.config.data)

@@ -112,17 +112,18 @@ def test_knn_search_benchmark_refuses_bad_specs(trained_run, tmp_path, spec, mes
     assert not (tmp_path / "knn_search.json").exists()
 
 
-def test_patchcore_variants_scores_label_free_and_tables(trained_run, tmp_path):
+@pytest.mark.parametrize("generator", ["small", "perlin"])
+def test_patchcore_variants_scores_label_free_and_tables(trained_run, tmp_path, generator):
     out = tmp_path / "variants"
     for name in ("paper", "native", "native_k1"):  # three copies of one run, as three variants
         shutil.copytree(trained_run, out / name / "brick")
     base = [sys.executable, "benchmarks/patchcore_variants.py"]
     for job in (["score", "--repeats", "2"], ["table", "--repeats", "2"]):
-        cmd = [*base, *job, "--data", "brick", "--out", str(out)]
+        cmd = [*base, *job, "--data", "brick", "--out", str(out), "--generator", generator]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
     scores = [
-        json.loads((out / name / "brick" / "label_free.json").read_text())["small_x2"]
+        json.loads((out / name / "brick" / "label_free.json").read_text())[f"{generator}_x2"]
         for name in ("paper", "native", "native_k1")
     ]
     assert scores[0] == scores[1] == scores[2]  # the same model scores the same defects alike
