@@ -30,6 +30,7 @@ from hydra.utils import instantiate
 from scipy.stats import spearmanr
 
 from defectlab.components import SyntheticAnomalies
+from defectlab.components.synthetic_anomaly import CLASSIC_KINDS
 from defectlab.errors import DefectlabError
 from defectlab.model_file import load_model
 
@@ -67,10 +68,9 @@ VARIANTS = {
 # U-Net's training defects (DRAEM-style Perlin regions filled with a turned copy of another good
 # image or a scikit-image texture, opacity U(0.2, 1)) at the small areas: fainter and less
 # regular than pasted shapes, to test whether harder defects rank ELPV's variants better.
-CLASSIC = ["cutpaste", "blob", "scratch"]
 GENERATORS = {
-    "default": {"kinds": CLASSIC, "min_area": 0.005, "max_area": 0.05},
-    "small": {"kinds": CLASSIC, "min_area": 0.001, "max_area": 0.01},
+    "default": {"kinds": CLASSIC_KINDS, "min_area": 0.005, "max_area": 0.05},
+    "small": {"kinds": CLASSIC_KINDS, "min_area": 0.001, "max_area": 0.01},
     "perlin": {"kinds": ["perlin_self", "perlin_texture"], "min_area": 0.001, "max_area": 0.01},
 }
 QUIET = ["trainer.enable_progress_bar=false", "eval.images.max_per_type=0", "eval.plots=false"]
