@@ -344,3 +344,28 @@ def test_cae_pixel_statistics_travel_in_the_model_file(make_cfg, synthetic_root,
     assert torch.equal(loaded.pixel_statistics.std, stats.std)
     system.model.eval()
     assert torch.equal(loaded.predict(images).score, system.model.predict(images).score)
+
+
+@pytest.mark.e2e
+def test_patchcore_pixel_statistics_fit_on_held_out_images_and_travel(
+    make_cfg, synthetic_root, tmp_path
+):
+    from defectlab.jobs import build_job, run_training
+
+    from .test_train import FAST
+
+    stats = "model.pixel_statistics={_target_:defectlab.components.PixelStatistics,eps:1.0}"
+    base = [*FAST, f"data.root={synthetic_root}", "data.category=brick", stats]
+    with pytest.raises(ConfigError, match="data.val_ratio"):
+        build_job(make_cfg(*base, "data.val_ratio=0"), tmp_path / "refused")
+    results = run_training(make_cfg(*base, "eval.images.max_per_type=0", "eval.plots=false"))
+    assert results["metrics"]["image_auroc"] > 0.9 and results["metrics"]["pixel_auroc"] > 0.9
+    meta = read_metadata(results["model_file"])
+    assert {"model.pixel_statistics.mean", "model.pixel_statistics.std"} <= set(
+        meta["tensors"]["resizable"]
+    )
+    loaded = load_model(results["model_file"]).system.model
+    assert loaded.pixel_statistics.fitted and loaded.pixel_statistics.size.tolist() == [96, 96]
+    images = torch.rand(2, 3, 96, 96)
+    out = loaded.predict(images)
+    assert torch.equal(out.score, out.anomaly_map.flatten(1).amax(1))

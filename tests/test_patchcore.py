@@ -15,6 +15,7 @@ from defectlab.components import (
     NativeEmbedder,
     NearestNeighbors,
     PatchEmbedder,
+    PixelStatistics,
 )
 from defectlab.components.embedding import _unfold
 from defectlab.errors import ConfigError
@@ -205,6 +206,38 @@ def test_memory_bank_resizes_on_load_and_scores_match():
     out_e, emb = b.predict_embedded(images)
     assert torch.equal(out_e.score, out_b.score) and torch.equal(emb, b.embed(images))
     assert torch.equal(out_e.anomaly_map, out_b.anomaly_map)
+
+
+def test_pixel_statistics_z_score_the_map_against_held_out_good_images():
+    torch.manual_seed(0)
+    ext = FeatureExtractor("resnet18", ["layer1"], pretrained=False)
+
+    def make(stats: PixelStatistics | None) -> PatchCore:
+        return PatchCore(
+            ext, IdentitySampler(), NearestNeighbors("auto"), k=1, pixel_statistics=stats
+        )
+
+    train, held_out, test = (
+        torch.rand(3, 3, 32, 32),
+        torch.rand(4, 3, 32, 32),
+        torch.rand(2, 3, 32, 32),
+    )
+    plain, zs = make(None), make(PixelStatistics(eps=0.5))
+    for model in (plain, zs):
+        model.fit(model.embed(train).reshape(-1, model.embedder.out_dim))
+    with pytest.raises(RuntimeError, match="fit_statistics"):
+        zs.predict(test)  # configured but not fitted: no raw numbers passed off as z-scores
+    zs.fit_statistics(held_out[i : i + 2] for i in (0, 2))
+    raw = plain.predict(held_out).anomaly_map.double()
+    mean, std = raw.mean(0), raw.std(0)
+    expected = (plain.predict(test).anomaly_map - mean) / (std + 0.5 * std.mean())
+    out = zs.predict(test)
+    torch.testing.assert_close(out.anomaly_map, expected.float(), rtol=1e-4, atol=1e-4)
+    assert torch.equal(out.score, out.anomaly_map.flatten(1).amax(1))
+    # Statistics travel with the state dict (resized on load).
+    loaded = make(PixelStatistics(eps=0.5))
+    loaded.load_state_dict(zs.state_dict())
+    assert torch.equal(loaded.predict(test).score, out.score)
 
 
 def _native_reference(features, p=3, mode="bilinear"):

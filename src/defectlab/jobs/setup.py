@@ -12,8 +12,8 @@ from omegaconf import DictConfig
 from defectlab.build import build, build_run_system, check_input_size
 from defectlab.callbacks import AnomalyImageWriter
 from defectlab.errors import ConfigError
-from defectlab.models import PatchCoreEnsemble
-from defectlab.models.protocols import TrainedModel
+from defectlab.models import PatchCore, PatchCoreEnsemble
+from defectlab.models.protocols import MemoryBankModel, TrainedModel
 from defectlab.systems import AnomalySystem, TrainedSystem
 
 # Intended, not problems: frozen backbones stay in eval mode, memory banks have no optimiser.
@@ -60,6 +60,13 @@ def check_model_data(cfg: DictConfig, system: AnomalySystem) -> None:
         raise ConfigError(
             "backbone=ensemble normalises its members on held-out good images: data.val_ratio "
             "must be > 0"
+        )
+    banks = model.bank_models() if isinstance(model, MemoryBankModel) else []
+    if any(isinstance(b, PatchCore) and b.pixel_statistics is not None for b in banks) and not (
+        cfg.data.val_ratio > 0
+    ):
+        raise ConfigError(
+            "model.pixel_statistics are fitted on held-out good images: data.val_ratio must be > 0"
         )
     if isinstance(system, TrainedSystem) and not cfg.data.val_ratio > 0:
         raise ConfigError(

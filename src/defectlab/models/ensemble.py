@@ -137,12 +137,19 @@ def build_patchcore(
     """PatchCore for one backbone; a :class:`PatchCoreEnsemble` of one per ensemble member.
 
     ``kwargs`` are PatchCore's other arguments (``k``, ``blur_sigma``, ``memory``, ...), shared by
-    the members. Each member gets its own copy of the (unfitted) sampler and search index.
+    the members. Each member gets its own copy of the (unfitted) sampler, search index and
+    per-pixel statistics.
     """
     if isinstance(extractor, FeatureExtractor):
         return PatchCore(extractor, sampler, knn, embedding, **kwargs)
     members = {
-        name: PatchCore(member, copy.deepcopy(sampler), copy.deepcopy(knn), embedding, **kwargs)
+        name: PatchCore(
+            member,
+            copy.deepcopy(sampler),
+            copy.deepcopy(knn),
+            embedding,
+            **{**kwargs, "pixel_statistics": copy.deepcopy(kwargs.get("pixel_statistics"))},
+        )
         for name, member in extractor.members.items()
     }
     return PatchCoreEnsemble(members)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -13,6 +13,7 @@ from defectlab.components import (
     FeatureExtractor,
     NativeEmbedder,
     NearestNeighbors,
+    PixelStatistics,
     Sampler,
     resize_bank_for_load,
 )
@@ -56,6 +57,9 @@ class PatchCore(nn.Module):
             ``storage`` (``ram``, or ``disk``: raw rows in a temporary file in ``spill_dir``,
             only the coreset's projections in memory) and ``chunk_vectors`` (None = one
             coreset over all rows; N = coreset each N-row chunk).
+        pixel_statistics: per-position z-scores of the anomaly map against held-out good images
+            (aligned products); fitted by :meth:`fit_statistics` after the bank. The image score
+            is then the z-scored map's maximum (Eq. 7 re-weights raw distances; not used).
     """
 
     # models.protocols.ResizableBuffers: the bank's row count comes from the saved model.
@@ -75,6 +79,7 @@ class PatchCore(nn.Module):
         blur_sigma: float = 4.0,
         memory: Mapping[str, Any] | None = None,
         embed_chunk: int | None = None,
+        pixel_statistics: PixelStatistics | None = None,
     ) -> None:
         super().__init__()
         if k < 1:
@@ -87,6 +92,7 @@ class PatchCore(nn.Module):
         self.knn = knn
         self.k = k
         self.anomaly_map = AnomalyMapGenerator(blur_sigma)
+        self.pixel_statistics = pixel_statistics
         memory = dict(memory or {})
         self.buffer_dtype = buffer_dtype(memory.pop("dtype", "float32"))
         self.chunk_vectors = check_count("chunk_vectors", memory.pop("chunk_vectors", None))
@@ -232,7 +238,26 @@ class PatchCore(nn.Module):
         emb = self.embed(images)
         patch_scores, score = self.score_patches(emb)
         amap = self.anomaly_map(patch_scores, tuple(images.shape[-2:]))
+        if self.pixel_statistics is not None:
+            if not self.pixel_statistics.fitted:
+                raise RuntimeError(
+                    "PatchCore's per-pixel statistics are not fitted: fit_statistics on held-out "
+                    "good images first"
+                )
+            amap = self.pixel_statistics(amap)
+            score = amap.flatten(1).amax(dim=1)
         return AnomalyOutput(score=score, anomaly_map=amap), emb
+
+    @torch.no_grad()
+    def fit_statistics(self, good_images: Iterable[torch.Tensor]) -> None:
+        """Fit ``pixel_statistics`` on the raw maps of held-out good images (never test data)."""
+        if self.pixel_statistics is None:
+            return
+        self.pixel_statistics.reset()
+        for images in good_images:
+            patch_scores, _ = self.score_patches(self.embed(images))
+            self.pixel_statistics.update(self.anomaly_map(patch_scores, tuple(images.shape[-2:])))
+        self.pixel_statistics.finish()
 
     @torch.no_grad()
     def score_patches(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

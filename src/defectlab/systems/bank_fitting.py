@@ -16,7 +16,7 @@ import torch
 from defectlab.components.bank_buffer import EmbeddingBuffer
 from defectlab.data.batch import Batch, Item
 from defectlab.errors import ConfigError
-from defectlab.models import PatchCoreEnsemble
+from defectlab.models import PatchCore, PatchCoreEnsemble
 from defectlab.models.protocols import BankModel, MemoryBankModel
 from defectlab.systems.reports import BankReport
 
@@ -49,13 +49,14 @@ def fit_memory_bank(
        against the bank's expected rows, so a bad value fails before the heavy work.
     3. Every training batch's embeddings stream into the buffers.
     4. Each bank is built from its buffer (sampling, disk spill or chunks: the model's settings).
-    5. Ensembles z-score their members on the held-out good images (never test data).
+    5. Banks with per-pixel statistics fit them on the held-out good images, then ensembles
+       z-score their members on the same images (never test data).
 
     Args:
         model: the memory-bank model (its ``bank_models()`` are fitted).
         train: the training dataset (read for steps 1 and 2).
         batches: the training batches (its loader, in file order).
-        held_out: held-out good batches; required by ensembles.
+        held_out: held-out good batches; required by ensembles and per-pixel statistics.
         device: where images are embedded.
 
     Returns:
@@ -91,6 +92,14 @@ def fit_memory_bank(
         bank.fit_buffer(buffer)
     del buffers, buffer  # the raw rows (or their temporary file) go before normalisation
     sample_s = time.perf_counter() - start
+
+    with_statistics = [
+        bank for bank in banks if isinstance(bank, PatchCore) and bank.pixel_statistics is not None
+    ]
+    if with_statistics and held_out is None:
+        raise ConfigError("model.pixel_statistics needs held-out good images: data.val_ratio > 0")
+    for bank in with_statistics:
+        bank.fit_statistics(b["image"].to(device) for b in held_out)
 
     if isinstance(model, PatchCoreEnsemble):
         if held_out is None:
