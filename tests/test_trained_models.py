@@ -175,6 +175,22 @@ def test_unet_learns_to_segment_synthetic_defects():
     assert binary_auroc(amap.flatten(), masks.flatten().long()) > 0.9
 
 
+def test_unet_flip_average_scores_the_mean_of_four_flipped_views():
+    torch.manual_seed(0)
+    model = UNet(depth=2, channels=4, blur_sigma=0.0).eval()
+    images = torch.rand(2, 3, 16, 16)
+    flipped = UNet(depth=2, channels=4, blur_sigma=0.0, flip_average=True).eval()
+    flipped.load_state_dict(model.state_dict())  # the same weights; only scoring differs
+    views = [(), (-1,), (-2,), (-2, -1)]
+    with torch.no_grad():
+        expected = sum(torch.sigmoid(model(images.flip(d))).flip(d) for d in views) / 4
+    out = flipped.predict(images)
+    torch.testing.assert_close(out.anomaly_map, expected)
+    assert torch.equal(out.score, out.anomaly_map.flatten(1).amax(1))
+    # A map that does not turn with the image is not what the single view gives.
+    assert not torch.allclose(out.anomaly_map, model.predict(images).anomaly_map)
+
+
 def _lite0(pretrained: bool = False, layers=("blocks.2", "blocks.4")) -> FeatureExtractor:
     return FeatureExtractor(
         "tf_efficientnet_lite0",
