@@ -53,6 +53,13 @@ VARIANTS = {
     "native_320": ["embedding=native", "data.image_size=320"],
     "native_b246": ["embedding=native", "backbone.layers=[blocks.2,blocks.4,blocks.6]"],
     "native_b124": ["embedding=native", "backbone.layers=[blocks.1,blocks.2,blocks.4]"],
+    "native_b124g1": [
+        "embedding=native",
+        "backbone.layers=[blocks.1,blocks.2,blocks.4]",
+        "embedding.grid_layer=1",  # blocks.1 pooled onto blocks.2's grid: its patch count
+    ],
+    "native_b234": ["embedding=native", "backbone.layers=[blocks.2,blocks.3,blocks.4]"],
+    "native_b23": ["embedding=native", "backbone.layers=[blocks.2,blocks.3]"],
     "native_lite1": ["embedding=native", "backbone=efficientnet_lite1"],
     "native_lite2": ["embedding=native", "backbone=efficientnet_lite2"],
     "native_k1": ["embedding=native", "model.k=1"],

@@ -264,6 +264,19 @@ def test_native_embedder_equals_pool_resize_concat(mode):
         assert torch.equal(parts, ours)
 
 
+def test_native_embedder_pools_finer_layers_onto_the_chosen_grid():
+    torch.manual_seed(0)
+    feats = [torch.randn(2, 6, 16, 16), torch.randn(2, 12, 8, 8), torch.randn(2, 20, 4, 4)]
+    ours = NativeEmbedder([6, 12, 20], grid_layer=1)(feats)
+    assert ours.shape == (2, 38, 8, 8)
+    pooled = F.avg_pool2d(feats[0], 3, stride=1, padding=1, count_include_pad=True)
+    torch.testing.assert_close(ours[:, :6], F.avg_pool2d(pooled, 2), atol=1e-6, rtol=1e-6)
+    # The other layers are what the default grid gives them when the finest one is left out.
+    torch.testing.assert_close(
+        ours[:, 6:], NativeEmbedder([12, 20])(feats[1:]), atol=1e-6, rtol=1e-6
+    )
+
+
 def test_native_embedder_projection_is_pca_of_training_features():
     torch.manual_seed(0)
     # 12 + 20 channels whose patch vectors live mostly in a 3-d subspace.
@@ -304,6 +317,8 @@ def test_native_embedder_projection_is_pca_of_training_features():
         ({"patch_size": 2}, "embedding.patch_size"),
         ({"fit_images": 0}, "embedding.fit_images"),
         ({"batch_chunk": 0}, "model.embed_chunk"),
+        ({"grid_layer": 2}, "embedding.grid_layer"),
+        ({"grid_layer": -1}, "embedding.grid_layer"),
     ],
 )
 def test_native_embedder_rejects_bad_values(kwargs, key):

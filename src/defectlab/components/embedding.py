@@ -170,6 +170,10 @@ class NativeEmbedder(nn.Module):
         fit_images: training images (evenly spaced over the training set) the projection is
             fitted on (``dim`` only).
         batch_chunk: images embedded per pass (speed only; None = the whole batch).
+        grid_layer: index into the layers (shallowest first) whose grid the patches take; finer
+            layers are average-pooled onto it, deeper ones resized. 0 = the finest layer's grid;
+            1 with ``[blocks.1, blocks.2, blocks.4]`` adds stride-4 detail at ``blocks.2``'s patch
+            count (a stride-4 grid has four times the patches to store and search).
     """
 
     def __init__(
@@ -180,9 +184,15 @@ class NativeEmbedder(nn.Module):
         dim: int | None = None,
         fit_images: int = 16,
         batch_chunk: int | None = None,
+        grid_layer: int = 0,
     ) -> None:
         super().__init__()
         _check_common(patch_size, batch_chunk)
+        if not 0 <= grid_layer < len(channels):
+            raise ConfigError(
+                f"embedding.grid_layer={grid_layer}: an index into the {len(channels)} "
+                "backbone.layers (0 = the finest)"
+            )
         if fit_images < 1:
             raise ConfigError(f"embedding.fit_images must be >= 1, got {fit_images}")
         if interpolation not in INTERPOLATIONS:
@@ -198,6 +208,7 @@ class NativeEmbedder(nn.Module):
         self.patch_size = patch_size
         self.interpolation = interpolation
         self.batch_chunk = batch_chunk
+        self.grid_layer = grid_layer
         self.native_dim = native
         self.out_dim = dim or native
         self.reduced = dim is not None
@@ -232,11 +243,11 @@ class NativeEmbedder(nn.Module):
         self.fitted.fill_(True)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Map layer features ``[(B, C_l, h_l, w_l)]`` to patch embeddings ``(B, D, h_0, w_0)``."""
+        """Map layer features ``[(B, C_l, h_l, w_l)]`` to patch embeddings on the ``grid_layer``'s grid."""
         return _in_chunks(self._embed, features, self.batch_chunk)
 
     def _native(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        size = features[0].shape[-2:]
+        size = features[self.grid_layer].shape[-2:]
         parts = []
         p = self.patch_size
         for feat in features:
@@ -245,7 +256,9 @@ class NativeEmbedder(nn.Module):
             feat = feat.contiguous(memory_format=torch.channels_last)
             if p > 1:
                 feat = F.avg_pool2d(feat, p, stride=1, padding=p // 2, count_include_pad=True)
-            if feat.shape[-2:] != size:
+            if feat.shape[-2] > size[0]:  # a finer layer: mean over each grid cell
+                feat = F.adaptive_avg_pool2d(feat, size)
+            elif feat.shape[-2:] != size:
                 feat = F.interpolate(
                     feat,
                     size=size,
