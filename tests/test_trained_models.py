@@ -175,6 +175,28 @@ def test_unet_learns_to_segment_synthetic_defects():
     assert binary_auroc(amap.flatten(), masks.flatten().long()) > 0.9
 
 
+def test_unet_pixel_statistics_z_score_the_probability_map_of_good_images():
+    torch.manual_seed(0)
+    plain = UNet(depth=2, channels=4, blur_sigma=0.0).eval()
+    model = UNet(depth=2, channels=4, blur_sigma=0.0, pixel_statistics=PixelStatistics(0.1)).eval()
+    model.load_state_dict(plain.state_dict(), strict=False)  # statistics not fitted yet
+    good, test = torch.rand(4, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    assert torch.equal(model.predict(test).anomaly_map, plain.predict(test).anomaly_map)
+    model.fit_statistics(good[i : i + 2] for i in (0, 2))
+    with torch.no_grad():
+        train = torch.sigmoid(plain(good)).double()
+        mean, std = train.mean(0), train.std(0)
+        expected = (torch.sigmoid(plain(test)) - mean) / (std + 0.1 * std.mean())
+    # float32 statistics against a float64 reference: equal to 1e-3 of the map's range.
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(
+        model.predict(test).anomaly_map, expected.float(), rtol=1e-3, atol=1e-3 * scale
+    )
+    loaded = UNet(depth=2, channels=4, blur_sigma=0.0, pixel_statistics=PixelStatistics(0.1))
+    loaded.load_state_dict(model.state_dict())  # the statistics travel (resized on load)
+    assert torch.equal(loaded.eval().predict(test).score, model.predict(test).score)
+
+
 def test_unet_flip_average_scores_the_mean_of_four_flipped_views():
     torch.manual_seed(0)
     model = UNet(depth=2, channels=4, blur_sigma=0.0).eval()

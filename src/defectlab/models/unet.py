@@ -14,7 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defectlab.components import AnomalyMapGenerator, FeatureExtractor, FeatureNoise, MapScore
+from defectlab.components import (
+    AnomalyMapGenerator,
+    FeatureExtractor,
+    FeatureNoise,
+    MapScore,
+    PixelStatistics,
+)
 from defectlab.components.shapes import check_divisible
 from defectlab.errors import ConfigError
 from defectlab.models.output import AnomalyOutput
@@ -57,6 +63,9 @@ class UNet(nn.Module):
         blur_sigma: Gaussian sigma of the probability map (pixels); 0 disables it.
         flip_average: score the mean of the probability maps of the image and its horizontal,
             vertical and double flips (each flipped back): four forwards per image.
+        pixel_statistics: per-position z-scores of the probability map against the maps of the
+            good training images (aligned products), refitted after every epoch
+            (:meth:`fit_statistics`); None = the probability map as it is.
     """
 
     supervised = True
@@ -75,6 +84,7 @@ class UNet(nn.Module):
         topk: int = 100,
         blur_sigma: float = 2.0,
         flip_average: bool = False,
+        pixel_statistics: PixelStatistics | None = None,
     ) -> None:
         super().__init__()
         if depth < 1 or channels < 1 or decoder_channels < 1:
@@ -124,14 +134,22 @@ class UNet(nn.Module):
         self.anomaly_map = AnomalyMapGenerator(blur_sigma)
         self.map_score = MapScore(score, topk)
         self.flip_average = flip_average
+        self.pixel_statistics = pixel_statistics
 
     @property
     def synthesizes_defects(self) -> bool:
         """models.protocols.TrainedModel: feature noise draws defects inside :meth:`loss`."""
         return self.feature_noise is not None
 
+    @torch.no_grad()
     def fit_statistics(self, good_images: Iterable[torch.Tensor]) -> None:
-        """models.protocols.TrainedModel: the probability map needs no statistics."""
+        """models.protocols.TrainedModel: refit ``pixel_statistics`` (if any) on good images."""
+        if self.pixel_statistics is None:
+            return
+        self.pixel_statistics.reset()
+        for images in good_images:
+            self.pixel_statistics.update(self.probability(images))
+        self.pixel_statistics.finish()
 
     @property
     def input_multiple(self) -> int:
@@ -218,5 +236,8 @@ class UNet(nn.Module):
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> AnomalyOutput:
         """Score images ``(B, 3, H, W)``: smoothed defect probability and its maximum."""
-        amap = self.anomaly_map(self.probability(images), tuple(images.shape[-2:]))
+        prob = self.probability(images)
+        if self.pixel_statistics is not None:
+            prob = self.pixel_statistics(prob)  # unchanged until fitted, as the CAE's
+        amap = self.anomaly_map(prob, tuple(images.shape[-2:]))
         return AnomalyOutput(score=self.map_score(amap), anomaly_map=amap)
