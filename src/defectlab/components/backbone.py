@@ -10,6 +10,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -207,21 +208,44 @@ class FeatureExtractor(nn.Module):
         return None, sorted(layers, key=modules.index)
 
     def _build(self, pretrained: bool, weights: str | None) -> nn.Module:
+        """The feature network: timm's ``features_only`` net, or the model traced up to its
+        deepest configured layer (timm's ``GraphExtractNet``) when a layer is not a feature stage.
+
+        Traced modules after the deepest layer are not part of the graph, so they cost no time and
+        their weights are not loaded or checked.
+        """
+        hub = pretrained and weights is None
         if self.layer_indices is None:
-            return self._build_traced(pretrained, weights)
-        kwargs = dict(features_only=True, out_indices=tuple(self.layer_indices), **self.timm_kwargs)
-        if not pretrained:
+            net = GraphExtractNet(
+                self._timm_model(hub, **self.timm_kwargs),
+                return_nodes=self.layers,
+                squeeze_out=False,
+            )
+            target = net.graph_module
+        else:
+            net = self._timm_model(
+                hub, features_only=True, out_indices=tuple(self.layer_indices), **self.timm_kwargs
+            )
+            # ViTs come wrapped (FeatureGetterNet.model); CNN feature nets keep the original keys.
+            target = getattr(net, "model", net)
+        if pretrained and weights is not None:
+            self._load_weights(target, weights)
+        return net
+
+    def _timm_model(self, hub: bool, **kwargs: Any) -> nn.Module:
+        """``timm.create_model``; ``hub``: with timm's hub weights (the offline error otherwise)."""
+        if not hub:
             return timm.create_model(self.name, pretrained=False, **kwargs)
-        if weights is None:
-            try:
-                return timm.create_model(self.name, pretrained=True, **kwargs)
-            except Exception as err:
-                raise _offline_error(self.alias, self.name, err) from err
-        net = timm.create_model(self.name, pretrained=False, **kwargs)
+        try:
+            return timm.create_model(self.name, pretrained=True, **kwargs)
+        except Exception as err:
+            raise _offline_error(self.alias, self.name, err) from err
+
+    def _load_weights(self, module: nn.Module, weights: str) -> None:
+        """Load ``backbone.weights`` into ``module``; BackboneWeightsError if they do not fit."""
         state = load_backbone_state_dict(self.name, weights)
         try:
-            # ViTs come wrapped (FeatureGetterNet.model); CNN feature nets keep the original keys.
-            result = getattr(net, "model", net).load_state_dict(state, strict=False)
+            result = module.load_state_dict(state, strict=False)
         except RuntimeError as err:  # shape mismatches
             raise BackboneWeightsError(
                 f"backbone.weights={weights} does not fit timm '{self.name}': "
@@ -234,36 +258,6 @@ class FeatureExtractor(nn.Module):
                 f"backbone.weights={weights} does not fit timm '{self.name}': "
                 f"{len(result.missing_keys)} missing tensors, e.g. {result.missing_keys[:3]}"
             )
-        return net
-
-    def _build_traced(self, pretrained: bool, weights: str | None) -> nn.Module:
-        """The model traced up to its deepest configured layer (timm's ``GraphExtractNet``).
-
-        Modules after the deepest layer are not part of the graph, so they cost no time and their
-        weights are not loaded or checked.
-        """
-        if pretrained and weights is None:
-            try:
-                model = timm.create_model(self.name, pretrained=True, **self.timm_kwargs)
-            except Exception as err:
-                raise _offline_error(self.alias, self.name, err) from err
-        else:
-            model = timm.create_model(self.name, pretrained=False, **self.timm_kwargs)
-        net = GraphExtractNet(model, return_nodes=self.layers, squeeze_out=False)
-        if pretrained and weights is not None:
-            state = load_backbone_state_dict(self.name, weights)
-            try:
-                result = net.graph_module.load_state_dict(state, strict=False)
-            except RuntimeError as err:  # shape mismatches
-                raise BackboneWeightsError(
-                    f"backbone.weights={weights} does not fit timm '{self.name}': {err}"
-                ) from err
-            if result.missing_keys:
-                raise BackboneWeightsError(
-                    f"backbone.weights={weights} does not fit timm '{self.name}': "
-                    f"{len(result.missing_keys)} missing tensors, e.g. {result.missing_keys[:3]}"
-                )
-        return net
 
     @torch.no_grad()
     def _probe_shapes(self) -> tuple[list[int], list[int]]:

@@ -9,6 +9,8 @@ are nearly flat, and the map is only shifted and scaled.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -18,7 +20,7 @@ from defectlab.errors import ConfigError
 class PixelStatistics(nn.Module):
     """Running per-pixel mean and standard deviation of maps ``(B, 1, H, W)``; z-scores maps.
 
-    Fitted by :meth:`reset`, :meth:`update` over good images, :meth:`finish`. ``mean`` and
+    Fitted by :meth:`fit` (or :meth:`reset`, :meth:`update` over good images, :meth:`finish`). ``mean`` and
     ``std`` are stored flat ``(H * W,)`` beside ``size = (H, W)``: the map size is only known from
     the data, and a flat buffer is one the model file may resize on load (``ResizableBuffers``:
     leading dimension only), so a model file restores them.
@@ -68,6 +70,13 @@ class PixelStatistics(nn.Module):
         self.std = var.sqrt().float().flatten().clone()
         self.size = torch.tensor(mean.shape[-2:], dtype=torch.long, device=self.size.device)
         self.reset()
+
+    def fit(self, maps: Iterable[torch.Tensor]) -> None:
+        """Refit on good images' maps, an iterable of ``(B, 1, H, W)`` batches."""
+        self.reset()
+        for batch in maps:
+            self.update(batch)
+        self.finish()
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         """Z-scores of maps ``(B, 1, H, W)``; maps pass unchanged until fitted."""

@@ -158,10 +158,7 @@ class ConvAutoencoder(nn.Module):
         """Refit ``pixel_statistics`` (if any) on :meth:`raw_map` of good training batches."""
         if self.pixel_statistics is None:
             return
-        self.pixel_statistics.reset()
-        for images in good_images:
-            self.pixel_statistics.update(self.raw_map(images))
-        self.pixel_statistics.finish()
+        self.pixel_statistics.fit(self.raw_map(images) for images in good_images)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> AnomalyOutput:

@@ -253,11 +253,12 @@ class PatchCore(nn.Module):
         """Fit ``pixel_statistics`` on the raw maps of held-out good images (never test data)."""
         if self.pixel_statistics is None:
             return
-        self.pixel_statistics.reset()
-        for images in good_images:
-            patch_scores, _ = self.score_patches(self.embed(images))
-            self.pixel_statistics.update(self.anomaly_map(patch_scores, tuple(images.shape[-2:])))
-        self.pixel_statistics.finish()
+        self.pixel_statistics.fit(self._raw_map(images) for images in good_images)
+
+    def _raw_map(self, images: torch.Tensor) -> torch.Tensor:
+        """The smoothed patch-distance map ``(B, 1, H, W)``, before any per-pixel statistics."""
+        patch_scores, _ = self.score_patches(self.embed(images))
+        return self.anomaly_map(patch_scores, tuple(images.shape[-2:]))
 
     @torch.no_grad()
     def score_patches(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

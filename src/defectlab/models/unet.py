@@ -146,10 +146,7 @@ class UNet(nn.Module):
         """models.protocols.TrainedModel: refit ``pixel_statistics`` (if any) on good images."""
         if self.pixel_statistics is None:
             return
-        self.pixel_statistics.reset()
-        for images in good_images:
-            self.pixel_statistics.update(self.probability(images))
-        self.pixel_statistics.finish()
+        self.pixel_statistics.fit(self.probability(images) for images in good_images)
 
     @property
     def input_multiple(self) -> int:
