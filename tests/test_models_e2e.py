@@ -123,3 +123,42 @@ def test_presets_and_vit_compose(make_cfg):
     assert make_cfg().trainer.max_epochs == 1  # memory banks: one pass
     vit = make_cfg("backbone=vit_base_patch16_224", "model=feature_knn", "model.pooling=cls")
     assert vit.model.extractor.kwargs.dynamic_img_size is True
+
+
+def test_statistics_and_thresholds_are_fitted_once_for_the_kept_epoch(
+    make_cfg, synthetic_root, tmp_path, monkeypatch
+):
+    import torch
+
+    from defectlab.models import UNet
+
+    scored: list[int] = []
+    predict = UNet.predict
+    monkeypatch.setattr(UNet, "predict", lambda m, x: scored.append(len(x)) or predict(m, x))
+    stats = "model.pixel_statistics={_target_:defectlab.components.PixelStatistics,eps:1.0}"
+    overrides = [*DATA, *MODELS["unet"], "system.max_epochs=3", "model.flip_average=true", stats]
+    root = [f"data.root={synthetic_root}", "data.category=brick"]
+    job = build_job(make_cfg(*overrides, *root, out=tmp_path / "run"), tmp_path / "run")
+    report = job.system.fit(job.trainer, job.datamodule)
+    system, model = job.system, job.system.model
+    assert report.training.epochs == 3 and model.pixel_statistics.fitted
+
+    # The kept weights are the best epoch's checkpoint...
+    best = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", weights_only=True)
+    assert report.training.best_epoch == best["epoch"] + 1
+    state = best["state_dict"].items()  # statistics and calibration are refitted below
+    weights = {k: v for k, v in state if k.startswith("model.") and "pixel_statistics" not in k}
+    assert weights
+    for key, value in weights.items():
+        assert torch.equal(system.state_dict()[key], value), key
+    # ...its statistics are those of these weights on the good training images...
+    mean, std = model.pixel_statistics.mean.clone(), model.pixel_statistics.std.clone()
+    model.fit_statistics(b["image"] for b in job.datamodule.train_dataloader())
+    assert torch.allclose(model.pixel_statistics.mean, mean, atol=1e-7)
+    assert torch.allclose(model.pixel_statistics.std, std, atol=1e-7)
+    # ...and fit scored the held-out images for one calibration, not once per epoch.
+    during_fit, threshold = sum(scored), float(system.calibration.image_threshold)
+    scored.clear()
+    system.validate(job.trainer, job.datamodule)
+    assert during_fit == sum(scored) > 0
+    assert float(system.calibration.image_threshold) == threshold

@@ -64,8 +64,8 @@ class UNet(nn.Module):
         flip_average: score the mean of the probability maps of the image and its horizontal,
             vertical and double flips (each flipped back): four forwards per image.
         pixel_statistics: per-position z-scores of the probability map against the maps of the
-            good training images (aligned products), refitted after every epoch
-            (:meth:`fit_statistics`); None = the probability map as it is.
+            good training images (aligned products), fitted by the training system for the
+            kept weights (:meth:`fit_statistics`); None = the probability map as it is.
     """
 
     supervised = True

@@ -46,9 +46,19 @@ class TrainingReport:
     val_loss_history: list[float]
 
     @classmethod
-    def from_history(cls, history: list[float], max_epochs: int | None) -> TrainingReport:
-        """Report of a run whose held-out losses per epoch were ``history``."""
-        best = min(range(len(history)), key=history.__getitem__) if history else None
+    def from_history(
+        cls, history: list[float], max_epochs: int | None, best_epoch: int | None = None
+    ) -> TrainingReport:
+        """Report of a run whose held-out losses per epoch were ``history``.
+
+        ``best_epoch`` (1-): the epoch that was checkpointed and kept; None = the lowest loss.
+        """
+        if best_epoch is not None and not 1 <= best_epoch <= len(history):
+            raise ValueError(f"best epoch {best_epoch} outside the {len(history)} epochs run")
+        if best_epoch is not None:
+            best: int | None = best_epoch - 1
+        else:
+            best = min(range(len(history)), key=history.__getitem__) if history else None
         return cls(
             epochs=len(history),
             max_epochs=max_epochs,

@@ -13,7 +13,7 @@ from torch import nn
 
 from defectlab.components import SyntheticAnomalies
 from defectlab.data.batch import Batch
-from defectlab.errors import ConfigError
+from defectlab.errors import ConfigError, DefectlabError
 from defectlab.models.protocols import TrainedModel
 from defectlab.systems.base import HELDOUT, AnomalySystem
 from defectlab.systems.reports import FitReport, TrainingReport
@@ -26,8 +26,10 @@ LR_SCHEDULES = ("constant", "cosine")  # system.lr_schedule
 class TrainedSystem(AnomalySystem):
     """Train ``model.loss`` on train/good; stop early and keep the best epoch by held-out loss.
 
-    Every validation epoch also re-calibrates thresholds on the held-out good slice (base class),
-    so the best-epoch checkpoint carries the calibration of its own weights.
+    While fitting, a validation epoch computes the held-out loss only: it picks the best epoch
+    and stops early. Map statistics (``model.fit_statistics``) and thresholds (the base class's
+    held-out calibration) belong to the kept weights, so :meth:`fit` computes them once, after
+    restoring the best epoch, instead of after every epoch for weights that are then dropped.
 
     Supervised models (``model.supervised``) learn masks: synthetic ``anomalies`` are pasted onto
     the good images of each batch; real labeled defects (``data.labeled_anomalies``) bring their
@@ -110,8 +112,31 @@ class TrainedSystem(AnomalySystem):
                     f"set system.{key} (the trainer config reads it)"
                 )
         trainer.fit(self, datamodule=datamodule)
-        training = TrainingReport.from_history(self.val_loss_history, trainer.max_epochs)
-        return FitReport(validation=self._validation, training=training)
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if not best:
+            raise DefectlabError("training ended before a validation epoch: no checkpoint")
+        best_epoch = self.restore_epoch(Path(best))
+        # Once, for the weights that are kept: statistics first (calibration scores use them).
+        # Done after every epoch instead, the U-Net with model.flip_average and
+        # model.pixel_statistics ran 4 forwards per good training image per epoch.
+        self.eval()  # train mode would update the encoder standardisation's running stats
+        self.model.fit_statistics(self._good_training_images(datamodule))
+        validation = self.validate(trainer, datamodule)
+        training = TrainingReport.from_history(
+            self.val_loss_history, trainer.max_epochs, best_epoch=best_epoch
+        )
+        return FitReport(validation=validation, training=training)
+
+    def restore_epoch(self, checkpoint_path: Path) -> int:
+        """Load an epoch's weights from a Lightning checkpoint of this run; its epoch (1-).
+
+        The checkpoint was written by this training run a moment ago; torch's weights-only reader
+        still refuses anything but tensors and plain containers.
+        """
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        self.on_load_checkpoint(checkpoint)
+        self.load_state_dict(checkpoint["state_dict"])
+        return int(checkpoint["epoch"]) + 1
 
     def _loss(self, batch: Batch, generator: torch.Generator | None = None) -> torch.Tensor:
         images = batch["image"]
@@ -135,7 +160,9 @@ class TrainedSystem(AnomalySystem):
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = HELDOUT) -> None:
-        super().validation_step(batch, batch_idx, dataloader_idx)
+        fitting = self.trainer.state.fn == "fit"
+        if not fitting:  # scores for the calibration: only for the kept weights (see fit)
+            super().validation_step(batch, batch_idx, dataloader_idx)
         if dataloader_idx != HELDOUT:
             return
         generator = None
@@ -157,21 +184,17 @@ class TrainedSystem(AnomalySystem):
     def on_validation_epoch_start(self) -> None:
         super().on_validation_epoch_start()
         self._val_loss = [0.0, 0]
-        if self.trainer.state.fn == "fit":
-            # Map statistics of this epoch's weights, so the held-out calibration and the
-            # best-epoch checkpoint use the statistics of their own weights. The generator is
-            # lazy: a model without statistics never reads the training set here.
-            self.model.fit_statistics(self._good_training_images())
 
-    def _good_training_images(self) -> Iterator[torch.Tensor]:
-        for batch in self.trainer.datamodule.train_dataloader():
+    def _good_training_images(self, datamodule: L.LightningDataModule) -> Iterator[torch.Tensor]:
+        # Lazy: a model without statistics never reads the training set.
+        for batch in datamodule.train_dataloader():
             good = batch["label"] == 0  # real labeled defects (U-Net) are not normal
             if good.any():
                 yield batch["image"][good].to(self.device)
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
-        if self._val_loss[1]:
+        if self._val_loss[1] and self.trainer.state.fn == "fit":
             self.val_loss_history.append(self._val_loss[0] / self._val_loss[1])
 
     def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
