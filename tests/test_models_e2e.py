@@ -120,6 +120,7 @@ def test_presets_and_vit_compose(make_cfg):
     assert (unet.trainer.min_steps, unet.trainer.max_steps) == (300, 600)
     assert (unet.system.lr_schedule, cae.system.lr_schedule) == ("cosine", "constant")
     assert list(unet.backbone.layers) == ["blocks.1", "blocks.2", "blocks.4"]  # stride-4 skip
+    assert unet.model.flip_average and unet.model.pixel_statistics.eps == 1.0
     assert make_cfg().trainer.max_epochs == 1  # memory banks: one pass
     vit = make_cfg("backbone=vit_base_patch16_224", "model=feature_knn", "model.pooling=cls")
     assert vit.model.extractor.kwargs.dynamic_img_size is True
