@@ -161,9 +161,11 @@ class TrainedSystem(AnomalySystem):
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = HELDOUT) -> None:
-        fitting = self.trainer.state.fn == "fit"
-        if not fitting:  # scores for the calibration: only for the kept weights (see fit)
+        # Fitting: the held-out loss only (best epoch, early stopping). Afterwards (see fit):
+        # scores for the kept weights' calibration only; their loss would be discarded.
+        if self.trainer.state.fn != "fit":
             super().validation_step(batch, batch_idx, dataloader_idx)
+            return
         if dataloader_idx != HELDOUT:
             return
         generator = None
@@ -195,7 +197,7 @@ class TrainedSystem(AnomalySystem):
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
-        if self._val_loss[1] and self.trainer.state.fn == "fit":
+        if self._val_loss[1]:  # only fitting epochs compute it
             self.val_loss_history.append(self._val_loss[0] / self._val_loss[1])
 
     def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
