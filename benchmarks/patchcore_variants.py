@@ -69,6 +69,8 @@ VARIANTS = {
     "native_full": ["embedding=native", "sampler=none"],
     "native_mobilenet": ["embedding=native", "backbone=mobilenet_v2"],
     "native_p5": ["embedding=native", "embedding.patch_size=5"],
+    "native_pn2": ["embedding=native", "model.patch_neighbors=2"],
+    "native_pn3": ["embedding=native", "model.patch_neighbors=3"],
 }
 # Synthetic validation defects (components.SyntheticAnomalies): "default" is the block of
 # conf/hparams_search/patchcore_optuna.yaml; "small" draws 5x smaller ones; "perlin" draws the

@@ -106,6 +106,24 @@ def test_eq7_reweighting_on_hand_made_case():
     assert model.image_score(dist.view(1, 2), nn_idx.view(1, 2), patches).item() == pytest.approx(s)
 
 
+def test_patch_neighbors_score_a_patch_by_its_mean_distance_to_the_nearest_rows():
+    torch.manual_seed(0)
+    bank = torch.randn(40, 2)
+    patches = torch.randn(1, 6, 2)
+    exact = torch.cdist(patches[0].double(), bank.double()).sort(dim=1).values
+    for n in (1, 3):
+        model = _patchcore(k=2, bank=bank)
+        model.patch_neighbors = n
+        scores, image = model.score_patches(patches.view(1, 2, 3, 2))
+        torch.testing.assert_close(scores.flatten().double(), exact[:, :n].mean(dim=1))
+        # Eq. 7 starts from the most anomalous patch's nearest row m*, whatever n is.
+        _, nn_idx = model._index().search(patches[0], k=1)
+        expected = model.image_score(scores.view(1, 6), nn_idx.view(1, 6), patches)
+        torch.testing.assert_close(image, expected)
+    with pytest.raises(ConfigError, match="model.patch_neighbors must be >= 1"):
+        PatchCore(_Identity(), IdentitySampler(), NearestNeighbors(), patch_neighbors=0)
+
+
 def _second_search_score(model, patches):
     """Eq. 7 as computed before the bank neighbours were stored: a second search for N_b(m*)."""
     b, length, d = patches.shape

@@ -109,6 +109,10 @@ class FeatureKNN(nn.Module):
         """Bank rows after fitting on ``vectors`` training vectors: all of them."""
         return vectors
 
+    def neighbor_settings(self) -> dict[str, int]:
+        """``k`` training images enter each score: the bank needs that many rows."""
+        return {"k": self.k}
+
     @torch.no_grad()
     def fit(self, embeddings: torch.Tensor) -> None:
         """Store the ``(N, D)`` train embeddings (standardised if configured) and index them."""

@@ -49,6 +49,8 @@ class PatchCore(nn.Module):
         sampler: memory-bank subsampler (coreset, random or none).
         knn: nearest-neighbour search over the bank.
         k: neighbourhood size b of the image-score re-weighting (Eq. 7); 1 = plain max.
+        patch_neighbors: a patch's score is its mean distance to this many nearest bank rows
+            (1 = the paper's nearest distance); Eq. 7 still starts from the nearest row m*.
         blur_sigma: Gaussian sigma of the anomaly map.
         embed_chunk: images per patch-embedding pass (speed only; None = the whole batch).
         memory: how training embeddings are held while the bank is built: ``dtype`` of the
@@ -80,10 +82,13 @@ class PatchCore(nn.Module):
         memory: Mapping[str, Any] | None = None,
         embed_chunk: int | None = None,
         pixel_statistics: PixelStatistics | None = None,
+        patch_neighbors: int = 1,
     ) -> None:
         super().__init__()
         if k < 1:
             raise ConfigError(f"model.k must be >= 1, got {k}")
+        if patch_neighbors < 1:
+            raise ConfigError(f"model.patch_neighbors must be >= 1, got {patch_neighbors}")
         self.extractor = extractor
         self.embedder: Embedder = (embedding or NativeEmbedder)(
             channels=extractor.channels, batch_chunk=embed_chunk
@@ -91,6 +96,7 @@ class PatchCore(nn.Module):
         self.sampler = sampler
         self.knn = knn
         self.k = k
+        self.patch_neighbors = patch_neighbors
         self.anomaly_map = AnomalyMapGenerator(blur_sigma)
         self.pixel_statistics = pixel_statistics
         memory = dict(memory or {})
@@ -184,6 +190,10 @@ class PatchCore(nn.Module):
             )
         return num_samples(vectors, ratio)
 
+    def neighbor_settings(self) -> dict[str, int]:
+        """Eq. 7's ``k`` and ``patch_neighbors``: each needs that many bank rows."""
+        return {"k": self.k, "patch_neighbors": self.patch_neighbors}
+
     @torch.no_grad()
     def fit_buffer(self, buffer: EmbeddingBuffer) -> None:
         """Build the memory bank from a filled :meth:`embedding_buffer`."""
@@ -265,9 +275,11 @@ class PatchCore(nn.Module):
         """Nearest-neighbour stage: patch scores ``(B, 1, h, w)`` and image scores ``(B,)``."""
         b, h, w, d = emb.shape
         flat = emb.reshape(-1, d)
-        dist, nn_idx = self._index().search(flat, k=1)
-        patch_scores = dist.view(b, h * w)
-        score = self.image_score(patch_scores, nn_idx.view(b, h * w), flat.view(b, h * w, d))
+        dist, nn_idx = self._index().search(flat, k=self.patch_neighbors)
+        patch_scores = (dist[:, 0] if self.patch_neighbors == 1 else dist.mean(dim=1)).view(
+            b, h * w
+        )
+        score = self.image_score(patch_scores, nn_idx[:, 0].view(b, h * w), flat.view(b, h * w, d))
         return patch_scores.view(b, 1, h, w), score
 
     def image_score(

@@ -47,6 +47,10 @@ class BankModel(Protocol):
 
     def bank_rows(self, vectors: int) -> int: ...
 
+    def neighbor_settings(self) -> dict[str, int]:
+        """``model.<key>: count`` of every search setting that needs ``count`` bank rows."""
+        ...
+
 
 @runtime_checkable
 class MemoryBankModel(AnomalyModel, Protocol):

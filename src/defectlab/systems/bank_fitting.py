@@ -72,12 +72,14 @@ def fit_memory_bank(
     buffers, stats = [], []
     for bank in banks:
         buffer, stat = _new_buffer(bank, next(embedding_rows(bank, first)), len(train))
-        if bank.k > stat["expected_bank_rows"]:
-            raise ConfigError(
-                f"model.k={bank.k} exceeds the memory bank's {stat['expected_bank_rows']} rows "
-                f"({len(train)} training images, {stat['train_vectors']} vectors "
-                "before sampling): lower model.k, raise sampler.ratio or add training images"
-            )
+        for key, value in bank.neighbor_settings().items():
+            if value > stat["expected_bank_rows"]:
+                raise ConfigError(
+                    f"model.{key}={value} exceeds the memory bank's "
+                    f"{stat['expected_bank_rows']} rows ({len(train)} training images, "
+                    f"{stat['train_vectors']} vectors before sampling): lower model.{key}, "
+                    "raise sampler.ratio or add training images"
+                )
         buffers.append(buffer)
         stats.append(stat)
 
