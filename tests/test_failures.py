@@ -87,19 +87,19 @@ def test_config_errors_come_before_any_heavy_work(make_cfg, synthetic_root, tmp_
     )
     with pytest.raises(ConfigError, match=r"model.k=500 exceeds the memory bank's 22 rows"):
         run_training(cfg)
-    cfg = _cfg(make_cfg, synthetic_root, "sampler.ratio=0.0001", "model.k=9", out=tmp_path / "k2")
-    with pytest.raises(ConfigError, match=r"model.k=9 exceeds the memory bank's 1 rows"):
-        run_training(cfg)
-    cfg = _cfg(
-        make_cfg,
-        synthetic_root,
-        "sampler.ratio=0.0001",
-        "model.k=1",
-        "model.patch_neighbors=3",
-        out=tmp_path / "k3",
-    )
-    with pytest.raises(ConfigError, match=r"model.patch_neighbors=3 exceeds the memory bank's 1"):
-        run_training(cfg)
+    for name, overrides, message in (
+        ("k2", ["model.k=9"], r"model.k=9 exceeds the memory bank's 1 rows"),
+        (
+            "k3",
+            ["model.k=1", "model.patch_neighbors=3"],
+            r"model.patch_neighbors=3 exceeds the memory bank's 1",
+        ),
+    ):
+        cfg = _cfg(
+            make_cfg, synthetic_root, "sampler.ratio=0.0001", *overrides, out=tmp_path / name
+        )
+        with pytest.raises(ConfigError, match=message):
+            run_training(cfg)
 
 
 def test_interrupted_writes_keep_the_earlier_files(tmp_path, monkeypatch):

@@ -276,9 +276,7 @@ class PatchCore(nn.Module):
         b, h, w, d = emb.shape
         flat = emb.reshape(-1, d)
         dist, nn_idx = self._index().search(flat, k=self.patch_neighbors)
-        patch_scores = (dist[:, 0] if self.patch_neighbors == 1 else dist.mean(dim=1)).view(
-            b, h * w
-        )
+        patch_scores = dist.mean(dim=1).view(b, h * w)  # one column: its values exactly
         score = self.image_score(patch_scores, nn_idx[:, 0].view(b, h * w), flat.view(b, h * w, d))
         return patch_scores.view(b, 1, h, w), score
 
