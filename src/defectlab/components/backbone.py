@@ -160,7 +160,6 @@ class FeatureExtractor(nn.Module):
                 f"backbone.memory_format={memory_format}: choose one of {MEMORY_FORMATS}"
             )
         self.memory_format = memory_format
-        self._net_format: torch.memory_format = torch.contiguous_format
         self.name = name
         self.timm_kwargs = dict(kwargs or {})
         self.alias = alias or name
@@ -193,11 +192,12 @@ class FeatureExtractor(nn.Module):
         return torch.contiguous_format
 
     def _match_format(self) -> None:
-        """Lay the weights out in :meth:`_format_for` the device they are on (once per move)."""
-        fmt = self._format_for(self.mean.device)
-        if fmt != self._net_format:
-            self.net.to(memory_format=fmt)  # the net's own _apply: no recursion into ours
-            self._net_format = fmt
+        """Lay the weights out in :meth:`_format_for` the device they are on.
+
+        Tensors already in that layout are returned as they are, so a repeated call copies nothing.
+        """
+        # The net's own _apply: no recursion into ours.
+        self.net.to(memory_format=self._format_for(self.mean.device))
 
     def _apply(self, fn: Any, recurse: bool = True) -> FeatureExtractor:
         # .to(device) / .cuda() / .cpu() end here: the layout follows the device.
@@ -359,7 +359,9 @@ class FeatureExtractor(nn.Module):
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Return feature maps ``[(B, C_l, H / r_l, W / r_l)]`` for ``(B, 3, H, W)`` inputs in [0, 1]."""
         return self.net(
-            ((images - self.mean) / self.std).contiguous(memory_format=self._net_format)
+            ((images - self.mean) / self.std).contiguous(
+                memory_format=self._format_for(self.mean.device)
+            )
         )
 
     @property
