@@ -71,6 +71,8 @@ VARIANTS = {
     "native_p5": ["embedding=native", "embedding.patch_size=5"],
     "native_pn2": ["embedding=native", "model.patch_neighbors=2"],
     "native_pn3": ["embedding=native", "model.patch_neighbors=3"],
+    # a fine bank (first layer, own grid) + a coarse bank (both layers, deeper grid), summed
+    "native_two_scale": ["embedding=native", "model.scales=two"],
 }
 # Synthetic validation defects (components.SyntheticAnomalies): "default" is the block of
 # conf/hparams_search/patchcore_optuna.yaml; "small" draws 5x smaller ones; "perlin" draws the

@@ -174,6 +174,9 @@ class NativeEmbedder(nn.Module):
             layers are average-pooled onto it, deeper ones resized. 0 = the finest layer's grid;
             1 with ``[blocks.1, blocks.2, blocks.4]`` adds stride-4 detail at ``blocks.2``'s patch
             count (a stride-4 grid has four times the patches to store and search).
+        layers: indices into the backbone's layers (shallowest first) this layout uses; None =
+            all of them. ``grid_layer`` then indexes the used layers. The two-scale PatchCore
+            (``model.scales=two``) gives its fine bank ``[0]``.
     """
 
     def __init__(
@@ -185,9 +188,17 @@ class NativeEmbedder(nn.Module):
         fit_images: int = 16,
         batch_chunk: int | None = None,
         grid_layer: int = 0,
+        layers: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         _check_common(patch_size, batch_chunk)
+        used = tuple(range(len(channels))) if layers is None else tuple(layers)
+        if not used or len(set(used)) != len(used) or not all(0 <= i < len(channels) for i in used):
+            raise ConfigError(
+                f"embedding layers {list(used)}: distinct indices into the {len(channels)} "
+                "backbone.layers (0 = the finest)"
+            )
+        channels = [channels[i] for i in used]
         if not 0 <= grid_layer < len(channels):
             raise ConfigError(
                 f"embedding.grid_layer={grid_layer}: an index into the {len(channels)} "
@@ -209,6 +220,7 @@ class NativeEmbedder(nn.Module):
         self.interpolation = interpolation
         self.batch_chunk = batch_chunk
         self.grid_layer = grid_layer
+        self.layers = used
         self.native_dim = native
         self.out_dim = dim or native
         self.reduced = dim is not None
@@ -247,6 +259,7 @@ class NativeEmbedder(nn.Module):
         return _in_chunks(self._embed, features, self.batch_chunk)
 
     def _native(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        features = [features[i] for i in self.layers]
         size = features[self.grid_layer].shape[-2:]
         parts = []
         p = self.patch_size

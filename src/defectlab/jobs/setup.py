@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from defectlab.build import build, build_run_system, check_input_size
 from defectlab.callbacks import AnomalyImageWriter
 from defectlab.errors import ConfigError
-from defectlab.models import PatchCore, PatchCoreEnsemble
+from defectlab.models import PatchCore, PatchCoreEnsemble, TwoScalePatchCore
 from defectlab.models.protocols import MemoryBankModel, TrainedModel
 from defectlab.systems import AnomalySystem, TrainedSystem
 
@@ -62,9 +62,10 @@ def check_model_data(cfg: DictConfig, system: AnomalySystem) -> None:
             "must be > 0"
         )
     banks = model.bank_models() if isinstance(model, MemoryBankModel) else []
-    if any(isinstance(b, PatchCore) and b.pixel_statistics is not None for b in banks) and not (
-        cfg.data.val_ratio > 0
-    ):
+    if any(
+        isinstance(m, (PatchCore, TwoScalePatchCore)) and m.pixel_statistics is not None
+        for m in (model, *banks)
+    ) and not (cfg.data.val_ratio > 0):
         raise ConfigError(
             "model.pixel_statistics are fitted on held-out good images: data.val_ratio must be > 0"
         )

@@ -6,6 +6,7 @@ from defectlab.models.feature_knn import FeatureKNN
 from defectlab.models.output import AnomalyOutput
 from defectlab.models.patchcore import PatchCore
 from defectlab.models.protocols import DerivedBuffers, ResizableBuffers
+from defectlab.models.two_scale import TwoScalePatchCore
 from defectlab.models.unet import UNet
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "PatchCore",
     "PatchCoreEnsemble",
     "ResizableBuffers",
+    "TwoScalePatchCore",
     "UNet",
     "build_patchcore",
 ]

@@ -21,6 +21,11 @@ from defectlab.components.embedding import Embedder
 from defectlab.errors import ConfigError
 from defectlab.models.output import AnomalyOutput
 from defectlab.models.patchcore import PatchCore
+from defectlab.models.two_scale import SCALES, TwoScalePatchCore, why_not_two_scales
+
+AUTO = "auto"
+# model.k=auto on one bank: the paper's Eq. 7 neighbourhood (b = 9 in its code).
+EQ7_K = 9
 
 
 class PatchCoreEnsemble(nn.Module):
@@ -132,14 +137,37 @@ def build_patchcore(
     sampler: Sampler,
     knn: NearestNeighbors,
     embedding: Callable[..., Embedder] | None = None,
+    # One bank when absent: model files and run configs written before model.scales existed
+    # rebuild the one-bank model they were fitted as (even with model.k=1).
+    scales: str = "one",
     **kwargs: Any,
-) -> PatchCore | PatchCoreEnsemble:
+) -> PatchCore | PatchCoreEnsemble | TwoScalePatchCore:
     """PatchCore for one backbone; a :class:`PatchCoreEnsemble` of one per ensemble member.
 
     ``kwargs`` are PatchCore's other arguments (``k``, ``blur_sigma``, ``memory``, ...), shared by
     the members. Each member gets its own copy of the (unfitted) sampler, search index and
-    per-pixel statistics.
+    per-pixel statistics. ``scales``: ``one`` bank, ``two`` (:class:`TwoScalePatchCore`: a fine
+    and a coarse bank on one backbone) or ``auto``: two where they apply (one backbone, at least
+    two layers, ``embedding=native`` without ``dim`` / ``grid_layer``, ``k`` auto or 1), else
+    one. ``k`` (in ``kwargs``): ``auto`` = :data:`EQ7_K` for one bank, unused by two.
     """
+    if scales not in SCALES:
+        raise ConfigError(f"model.scales={scales}: choose one of {SCALES}")
+    k = kwargs.pop("k", AUTO)
+    if k != AUTO and (isinstance(k, bool) or not isinstance(k, int)):
+        raise ConfigError(f"model.k={k}: auto or a count >= 1")
+    if scales == AUTO:
+        applies = k in (AUTO, 1) and why_not_two_scales(extractor, embedding) is None
+        scales = "two" if applies else "one"
+    if scales == "two":
+        if k not in (AUTO, 1):
+            raise ConfigError(
+                f"model.k={k}: model.scales=two scores an image by the maximum of its summed "
+                "distance map (Eq. 7 re-weights one bank's nearest row): set model.k=auto or 1, "
+                "or model.scales=one"
+            )
+        return TwoScalePatchCore(extractor, sampler, knn, embedding, **kwargs)
+    kwargs["k"] = EQ7_K if k == AUTO else k
     if isinstance(extractor, FeatureExtractor):
         return PatchCore(extractor, sampler, knn, embedding, **kwargs)
     members = {

@@ -16,7 +16,7 @@ import torch
 from defectlab.components.bank_buffer import EmbeddingBuffer
 from defectlab.data.batch import Batch, Item
 from defectlab.errors import ConfigError
-from defectlab.models import PatchCore, PatchCoreEnsemble
+from defectlab.models import PatchCore, PatchCoreEnsemble, TwoScalePatchCore
 from defectlab.models.protocols import BankModel, MemoryBankModel
 from defectlab.systems.reports import BankReport
 
@@ -95,8 +95,12 @@ def fit_memory_bank(
     del buffers, buffer  # the raw rows (or their temporary file) go before normalisation
     sample_s = time.perf_counter() - start
 
+    # Per-pixel statistics belong to the model whose map they normalise: a bank, or the
+    # two-scale model over its two banks.
     with_statistics = [
-        bank for bank in banks if isinstance(bank, PatchCore) and bank.pixel_statistics is not None
+        m
+        for m in dict.fromkeys((model, *banks))  # a one-bank model is its own bank
+        if isinstance(m, (PatchCore, TwoScalePatchCore)) and m.pixel_statistics is not None
     ]
     if with_statistics and held_out is None:
         raise ConfigError("model.pixel_statistics needs held-out good images: data.val_ratio > 0")
@@ -107,6 +111,8 @@ def fit_memory_bank(
         if held_out is None:
             raise ConfigError("backbone=ensemble needs held-out good images: data.val_ratio > 0")
         model.fit_normalization(b["image"].to(device) for b in held_out)
+        memory = _ensemble_stats(list(model.members), stats)
+    elif isinstance(model, TwoScalePatchCore):
         memory = _ensemble_stats(list(model.members), stats)
     else:
         memory = stats[0]
