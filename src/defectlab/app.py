@@ -299,7 +299,9 @@ def build_app(
                 elem_id="upload",
             )
             threshold = gr.Slider(
-                0.0,
+                # Normalised scores are 0 at the held-out good images' minimum: a part can score
+                # below it, so the slider reaches below 0 too.
+                -1.0,
                 max(2.0, 2 * default_threshold),
                 value=default_threshold,
                 step=0.01,
