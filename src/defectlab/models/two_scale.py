@@ -1,6 +1,7 @@
 """PatchCore with two memory banks on two grids, their patch distances summed (``model.scales=two``).
 
-One backbone pass feeds two :class:`PatchCore` banks:
+One backbone pass per test batch feeds two :class:`PatchCore` banks (fitting embeds the training
+images once per bank, as for any list of ``bank_models()``):
 
 - *fine*: the finest configured layer alone, on its own grid (lite0 ``blocks.2``: 40-d, 28 x 28
   patches of a 224 px image);
