@@ -78,6 +78,16 @@ class PixelStatistics(nn.Module):
             self.update(batch)
         self.finish()
 
+    def z_scores(self, maps: torch.Tensor) -> torch.Tensor:
+        """Z-scores of maps ``(B, 1, H, W)``, refused until fitted: for models whose map must not
+        pass raw once statistics are configured (PatchCore's banks are fitted before them)."""
+        if not self.fitted:
+            raise RuntimeError(
+                "the per-pixel statistics are not fitted: fit_statistics on held-out good images "
+                "first"
+            )
+        return self(maps)
+
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         """Z-scores of maps ``(B, 1, H, W)``; maps pass unchanged until fitted."""
         if not self.fitted:

@@ -249,12 +249,7 @@ class PatchCore(nn.Module):
         patch_scores, score = self.score_patches(emb)
         amap = self.anomaly_map(patch_scores, tuple(images.shape[-2:]))
         if self.pixel_statistics is not None:
-            if not self.pixel_statistics.fitted:
-                raise RuntimeError(
-                    "PatchCore's per-pixel statistics are not fitted: fit_statistics on held-out "
-                    "good images first"
-                )
-            amap = self.pixel_statistics(amap)
+            amap = self.pixel_statistics.z_scores(amap)
             score = amap.flatten(1).amax(dim=1)
         return AnomalyOutput(score=score, anomaly_map=amap), emb
 

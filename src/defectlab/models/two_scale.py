@@ -179,12 +179,7 @@ class TwoScalePatchCore(nn.Module):
         amap = self.anomaly_map(grid, tuple(images.shape[-2:]))
         score = grid.flatten(1).amax(dim=1)
         if self.pixel_statistics is not None:
-            if not self.pixel_statistics.fitted:
-                raise RuntimeError(
-                    "the per-pixel statistics are not fitted: fit_statistics on held-out good "
-                    "images first"
-                )
-            amap = self.pixel_statistics(amap)
+            amap = self.pixel_statistics.z_scores(amap)
             score = amap.flatten(1).amax(dim=1)
         return AnomalyOutput(score=score, anomaly_map=amap), coarse
 
