@@ -4,7 +4,8 @@
     python benchmarks/knn_search.py outputs/<run> --spec "faiss=PCA32,IVF512,SQ8,RFlat nprobe=4 k_factor_rf=4"
 
 Embeds the first ``--images`` test images of the run with its own model, then searches every
-image's patches (k = 1) in the run's memory bank with each ``--spec``:
+image's patches (k = 1) in the run's memory bank with each ``--spec`` (``model.scales=two``: the
+bank ``--bank`` names, ``fine`` by default: four times the coarse bank's rows and queries):
 
   ``key=value ...``          ``model.knn`` settings (``NearestNeighbors`` arguments), as in conf/
   ``faiss=FACTORY key=v ..`` any faiss ``index_factory`` string, with ``ParameterSpace`` settings
@@ -46,6 +47,8 @@ from defectlab.components import NearestNeighbors
 from defectlab.components.knn import faiss
 from defectlab.errors import ConfigError
 from defectlab.inference import Predictor
+from defectlab.models import PatchCore
+from defectlab.models.two_scale import TwoScalePatchCore
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,19 +134,27 @@ def _median_ms(times: list[float]) -> float:
 
 
 @torch.no_grad()
-def measure(run_dir: Path, specs: list[str], images: int, clock=time.perf_counter) -> dict:
+def measure(
+    run_dir: Path, specs: list[str], images: int, clock=time.perf_counter, bank_name: str = "fine"
+) -> dict:
     """Time and score every spec on the run's bank (specs are parsed before the model loads)."""
     indexes = [(spec, parse_spec(spec)) for spec in specs]
     predictor = Predictor.from_model(run_dir, "cpu")
     model = predictor.system.model
-    if not hasattr(model, "memory_bank"):
-        raise SystemExit(f"{run_dir}: not a PatchCore run (this benchmark searches its bank)")
+    if isinstance(model, TwoScalePatchCore):
+        if bank_name not in model.members:
+            raise SystemExit(f"--bank {bank_name}: this run's banks are {list(model.members)}")
+        target = model.members[bank_name]
+    elif isinstance(model, PatchCore):
+        target, bank_name = model, "bank"
+    else:
+        raise SystemExit(f"{run_dir}: not a PatchCore run on one backbone (this searches its bank)")
     cfg = predictor.run_config
     paths = test_image_paths(cfg, images)
     batch = [predictor.load(p)[None] for p in paths]
-    embedded = [model.embed(x) for x in batch]
+    embedded = [target.embed(x) for x in batch]  # a two-scale bank embeds with the shared backbone
     queries = [e.reshape(-1, e.shape[-1]) for e in embedded]
-    bank = model.memory_bank.float()
+    bank = target.memory_bank.float()
     exact = NearestNeighbors("exact").fit(bank)
     truth = [exact.search(q, 1)[0][:, 0] for q in queries]
     backbone_s = []
@@ -189,6 +200,7 @@ def measure(run_dir: Path, specs: list[str], images: int, clock=time.perf_counte
         "run": str(run_dir),
         "backbone": cfg.get("backbone_name"),
         "image_size": cfg.data.image_size,
+        "bank": bank_name,
         "images": len(batch),
         "patches_per_image": len(queries[0]),
         "bank_rows": len(bank),
@@ -200,7 +212,7 @@ def measure(run_dir: Path, specs: list[str], images: int, clock=time.perf_counte
 
 def to_markdown(result: dict) -> str:
     lines = [
-        f"{result['images']} images x {result['patches_per_image']} patches, bank "
+        f"{result['images']} images x {result['patches_per_image']} patches, {result['bank']} "
         f"{result['bank_rows']} x {result['dim']}; {result.get('threads')} threads, "
         f"{result.get('clock', 'wall')} clock; backbone forward "
         f"{result['backbone_ms_per_image']:.1f} ms per image (batch 1)",
@@ -225,6 +237,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--spec", action="append", help="search option (repeat; default: exact, ivf, HNSW, preset)"
     )
     parser.add_argument("--images", type=int, default=32, help="test images searched")
+    parser.add_argument(
+        "--bank", default="fine", help="model.scales=two: the bank searched (fine | coarse)"
+    )
     parser.add_argument("--threads", type=int, help="torch and faiss threads (default: torch's)")
     parser.add_argument(
         "--clock",
@@ -241,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
             if faiss is not None:
                 faiss.omp_set_num_threads(args.threads)
         clock = time.process_time if args.clock == "cpu" else time.perf_counter
-        result = measure(args.run, args.spec or default_specs(), args.images, clock)
+        result = measure(args.run, args.spec or default_specs(), args.images, clock, args.bank)
         result |= {"clock": args.clock, "threads": torch.get_num_threads()}
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from None

@@ -5,10 +5,12 @@
     python benchmarks/patchcore_speed.py embedding=native --threads 1 --clock cpu
 
 Stages, each timed on its own after warm-up:
-  extract  backbone + patch embedding of every fit image (train loader)
+  extract  backbone + patch embedding of every fit image (train loader), once per bank
   coreset  the sampler on all fit embeddings, and the bank's Eq. 7 neighbours (also timed alone)
-  knn      nearest-neighbour search + image score (Eq. 7), on test images
+  knn      nearest-neighbour search + image score (Eq. 7), on test images (every bank)
   map      anomaly-map upsampling + blur, on test images
+With ``model.scales=two`` (two banks on one backbone pass) extract and coreset run for each bank,
+as in training, and the test-time stages cover both banks (one backbone pass).
 and the whole ``predict`` at batch 1 and 32. The backbone's forward alone (the floor) is timed
 in the same process, alternating with ``predict`` round by round, so that both see the same
 machine load (on a shared 2-core machine the floor alone varied 2x between processes); the
@@ -35,7 +37,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from defectlab.build import build, build_model
+from defectlab.models import PatchCore
 from defectlab.models.output import predict_in_slices
+from defectlab.models.two_scale import TwoScalePatchCore
 from defectlab.systems.bank_fitting import embedding_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +80,13 @@ def compose_config(overrides: list[str], out_dir: Path):
         return compose("train", overrides=[f"paths.output_dir={out_dir}", *overrides])
 
 
+def _cat(parts: list):
+    """Concatenate per-slice patch features: tensors, or (fine, coarse) pairs of two banks."""
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(z) for z in zip(*parts, strict=True))
+    return torch.cat(parts)
+
+
 def first_test_images(datamodule, count: int) -> torch.Tensor:
     """The first ``count`` test images, pre-processed, ``(count, 3, H, W)``."""
     datamodule.setup("test")
@@ -96,32 +107,42 @@ def measure(overrides: list[str], max_test: int, batch: int) -> dict:
         datamodule.prepare_data()
         datamodule.setup("fit")
         model = build_model(cfg)
-        if not hasattr(model, "score_patches"):
-            raise SystemExit(f"model={cfg.model_name}: this benchmark is for PatchCore")
+        if not isinstance(model, (PatchCore, TwoScalePatchCore)):
+            raise SystemExit(
+                f"model={cfg.model_name} (backbone={cfg.backbone.name}): this benchmark is for "
+                "PatchCore on one backbone"
+            )
         model.eval()
 
-        # The same path as training: model.memory's buffer (dtype, storage, chunking).
-        per_image = len(next(embedding_rows(model, datamodule.fit_set[0]["image"][None])))
-        buffer = model.embedding_buffer(
-            len(datamodule.fit_set) * per_image, model.memory_bank.shape[1]
-        )
-        start = CLOCK()
-        fit_images = 0
-        for b in datamodule.train_dataloader():
-            for rows in embedding_rows(model, b["image"]):
-                buffer.add(rows)
-            fit_images += len(b["image"])
-        fit_vectors, buffer_mb = buffer.seen, buffer.nbytes / 2**20
-        # Chunked: the per-chunk coresets ran during extraction; their time counts as extract.
-        extract_s = CLOCK() - start
-        rss_after_extract = _peak_rss_mb()
-
-        start = CLOCK()
-        model.fit_buffer(buffer)
-        coreset_s = CLOCK() - start
-        bank_rows, dim = model.memory_bank.shape
-        del buffer
-        neighbors_s, _ = _timed(model._bank_neighbors)  # once more, alone
+        # The same path as training: each bank's model.memory buffer (dtype, storage, chunking),
+        # filled from the train loader and turned into its bank before the next bank's pass.
+        extract_s = coreset_s = neighbors_s = buffer_mb = 0.0
+        rss_after_extract = 0.0
+        banks = []
+        for bank in model.bank_models():
+            per_image = len(next(embedding_rows(bank, datamodule.fit_set[0]["image"][None])))
+            buffer = bank.embedding_buffer(
+                len(datamodule.fit_set) * per_image, bank.memory_bank.shape[1]
+            )
+            start = CLOCK()
+            fit_images = 0
+            for b in datamodule.train_dataloader():
+                for rows in embedding_rows(bank, b["image"]):
+                    buffer.add(rows)
+                fit_images += len(b["image"])
+            # Chunked: the per-chunk coresets ran during extraction; their time counts as extract.
+            extract_s += CLOCK() - start
+            buffer_mb = max(buffer_mb, buffer.nbytes / 2**20)
+            rss_after_extract = max(rss_after_extract, _peak_rss_mb())
+            start = CLOCK()
+            bank.fit_buffer(buffer)
+            coreset_s += CLOCK() - start
+            vectors = buffer.seen
+            del buffer
+            neighbors_s += _timed(bank._bank_neighbors)[0]  # once more, alone
+            rows, dim = bank.memory_bank.shape
+            banks.append({"fit_vectors": vectors, "rows": rows, "dim": dim, "k": bank.k})
+        first = model.bank_models()[0]
 
         images = first_test_images(datamodule, max(max_test, batch))
         size = tuple(images.shape[-2:])
@@ -140,7 +161,7 @@ def measure(overrides: list[str], max_test: int, batch: int) -> dict:
         step = model.embed_batch  # as in training/testing: slices of embed_batch images
 
         def embed_many():
-            return torch.cat([model.embed(part) for part in many.split(step or batch)])
+            return _cat([model.embed(part) for part in many.split(step or batch)])
 
         predict_in_slices(model, many, step)
         embn = embed_many()
@@ -165,21 +186,21 @@ def measure(overrides: list[str], max_test: int, batch: int) -> dict:
         "category": str(cfg.data.category),
         "image_size": cfg.data.image_size,
         "sampler": cfg.sampler._target_.rsplit(".", 1)[-1],
-        "buffer_dtype": str(model.buffer_dtype).removeprefix("torch."),
-        "chunk_vectors": model.chunk_vectors,
-        "storage": model.storage,
+        "scales": "two" if isinstance(model, TwoScalePatchCore) else "one",
+        "buffer_dtype": str(first.buffer_dtype).removeprefix("torch."),
+        "chunk_vectors": first.chunk_vectors,
+        "storage": first.storage,
         "embed_batch": model.embed_batch,
         "knn": OmegaConf.to_container(cfg.model.knn),
         # what precision="auto" chose in this process (exact search)
-        "search_dtype": str(getattr(model.knn._exact, "dtype", None)).removeprefix("torch."),
-        "buffer_mb": buffer_mb,
+        "search_dtype": str(getattr(first.knn._exact, "dtype", None)).removeprefix("torch."),
+        "buffer_mb": buffer_mb,  # the largest bank's buffer (one is held at a time)
         "ratio": cfg.sampler.get("ratio"),
         "fit_images": fit_images,
-        "fit_vectors": fit_vectors,
-        "bank_rows": bank_rows,
-        "k": model.k,
-        "dim": dim,
-        "bank_mb": bank_rows * dim * 4 / 2**20,
+        "banks": banks,  # per bank, fine first: fit vectors, rows, dim, Eq. 7's k
+        "fit_vectors": sum(b["fit_vectors"] for b in banks),
+        "bank_rows": sum(b["rows"] for b in banks),
+        "bank_mb": sum(b["rows"] * b["dim"] for b in banks) * 4 / 2**20,
         "extract_s": extract_s,
         "coreset_s": coreset_s,
         "bank_neighbors_s": neighbors_s,
@@ -206,15 +227,16 @@ def measure(overrides: list[str], max_test: int, batch: int) -> dict:
 
 
 def to_markdown(row: dict) -> str:
-    b = row["batch"]
+    b, banks = row["batch"], row["banks"]
+    shapes = " + ".join(f"{bank['rows']} x {bank['dim']}" for bank in banks)
     lines = [
-        f"{row.get('threads')} threads, {row.get('clock', 'wall')} clock",
+        f"model.scales={row['scales']}; {row.get('threads')} threads, {row.get('clock', 'wall')} clock",
         "",
         "| stage | seconds / ms |",
         "|---|---|",
-        f"| extract ({row['fit_images']} images, {row['fit_vectors']} vectors) | {row['extract_s']:.1f} s |",
-        f"| coreset ({row['sampler']}, ratio {row['ratio']}) -> {row['bank_rows']} x {row['dim']}, with Eq. 7 neighbours | {row['coreset_s']:.1f} s |",
-        f"| Eq. 7 bank neighbours alone (k = {row['k']}) | {row['bank_neighbors_s']:.1f} s |",
+        f"| extract ({row['fit_images']} images, {row['fit_vectors']} vectors, {len(banks)} bank(s)) | {row['extract_s']:.1f} s |",
+        f"| coreset ({row['sampler']}, ratio {row['ratio']}) -> {shapes}, with Eq. 7 neighbours | {row['coreset_s']:.1f} s |",
+        f"| Eq. 7 bank neighbours alone (k = {', '.join(str(b['k']) for b in banks)}) | {row['bank_neighbors_s']:.1f} s |",
         f"| fit total | {row['fit_s']:.1f} s |",
     ]
     lines.append(

@@ -3,7 +3,8 @@
     python benchmarks/search_exactness.py outputs/<run> [--images N] [--no-fp64] [--out DIR]
 
 Loads a trained PatchCore run (its model file), embeds its test images with its own model, and
-scores every image three ways:
+scores every image three ways (``model.scales=two``: each bank searched each way, the two distance
+maps summed by the model's own ``combine``, the image score their maximum):
 
   ``model``       the model's own ``score_patches``: exact blockwise search, Eq. 7 from the bank
                   neighbours stored at fit time;
@@ -29,6 +30,8 @@ from _common import write_outputs
 from defectlab.components.knn import faiss
 from defectlab.data import scan_category
 from defectlab.inference import Predictor
+from defectlab.models import PatchCore
+from defectlab.models.two_scale import TwoScalePatchCore
 
 
 def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -75,18 +78,21 @@ def eq7(
 def measure(run: Path, images: int | None, fp64: bool = True) -> dict:
     predictor = Predictor.from_model(run, "cpu")
     model = predictor.system.model
-    if not hasattr(model, "bank_neighbors"):
-        raise SystemExit(f"{run}: not a PatchCore run")
+    if not isinstance(model, (PatchCore, TwoScalePatchCore)):
+        raise SystemExit(f"{run}: not a PatchCore run on one backbone")
     cfg = predictor.run_config
     samples = scan_category(cfg.data.root, cfg.data.category).test[:images]
-    bank = model.memory_bank.float().contiguous()
-    bank64 = bank.double()
-    searches = {
-        "faiss_fp32": lambda q, k: faiss32(q, bank, k),
-        "brute_fp64": lambda q, k: brute64(q, bank64, k),
-    }
-    if not fp64:
-        del searches["brute_fp64"]
+    names = list(model.members) if isinstance(model, TwoScalePatchCore) else ["bank"]
+    searches = {}  # search name -> one search function per bank
+    for name in ("faiss_fp32", "brute_fp64") if fp64 else ("faiss_fp32",):
+        searches[name] = []
+        for member in model.bank_models():
+            bank = member.memory_bank.float().contiguous()
+            if name == "faiss_fp32":
+                searches[name].append(lambda q, k, bank=bank: faiss32(q, bank, k))
+            else:
+                bank64 = bank.double()
+                searches[name].append(lambda q, k, bank64=bank64: brute64(q, bank64, k))
     scores = {"model": [], **{name: [] for name in searches}}
     nn_differs = dict.fromkeys(searches, 0)
     patches_total = 0
@@ -94,22 +100,35 @@ def measure(run: Path, images: int | None, fp64: bool = True) -> dict:
         emb = model.embed(predictor.load(sample.path)[None])
         _, score = model.score_patches(emb)
         scores["model"].append(score)
-        flat = emb.reshape(-1, emb.shape[-1])
-        own = model.knn.search(flat, 1)[1][:, 0]
-        patches_total += len(flat)
-        for name, search in searches.items():
-            dist, idx = search(flat, 1)
-            nn_differs[name] += int((idx[:, 0] != own).sum())
-            dist = dist.float().view(1, -1)  # as the model returns them
-            scores[name].append(eq7(model, dist, idx.view(1, -1), flat[None], search))
+        embs = emb if isinstance(model, TwoScalePatchCore) else (emb,)
+        flats = [e.reshape(-1, e.shape[-1]) for e in embs]
+        owns = [
+            m.knn.search(f, 1)[1][:, 0] for m, f in zip(model.bank_models(), flats, strict=True)
+        ]
+        patches_total += sum(len(f) for f in flats)
+        for name, per_bank in searches.items():
+            found = [search(f, 1) for search, f in zip(per_bank, flats, strict=True)]
+            nn_differs[name] += sum(
+                int((idx[:, 0] != own).sum()) for (_, idx), own in zip(found, owns, strict=True)
+            )
+            if isinstance(model, TwoScalePatchCore):
+                maps = [
+                    d.float().view(1, 1, *e.shape[1:3])
+                    for (d, _), e in zip(found, embs, strict=True)
+                ]
+                scores[name].append(model.combine(*maps).flatten(1).amax(dim=1))
+            else:
+                dist, idx = found[0]
+                dist = dist.float().view(1, -1)  # as the model returns them
+                scores[name].append(eq7(model, dist, idx.view(1, -1), flats[0][None], per_bank[0]))
     labels = torch.tensor([s.label for s in samples])
     cat = {name: torch.cat(v) for name, v in scores.items()}
     model_auroc = auroc(cat["model"], labels)
+    banks = model.bank_models()
     result = {
         "run": str(run),
-        "bank_rows": len(bank),
-        "dim": bank.shape[1],
-        "k": model.k,
+        "banks": {n: list(m.memory_bank.shape) for n, m in zip(names, banks, strict=True)},
+        "k": banks[0].k if len(banks) == 1 else None,  # two banks: the summed map's maximum
         "images": len(samples),
         "patches": patches_total,
         "auroc": {name: auroc(v, labels) for name, v in cat.items()},
@@ -126,8 +145,9 @@ def measure(run: Path, images: int | None, fp64: bool = True) -> dict:
 
 def to_markdown(r: dict) -> str:
     lines = [
-        f"{r['images']} test images, {r['patches']} patches, bank {r['bank_rows']} x {r['dim']}, "
-        f"k = {r['k']}",
+        f"{r['images']} test images, {r['patches']} patches, banks "
+        + ", ".join(f"{name} {rows} x {dim}" for name, (rows, dim) in r["banks"].items())
+        + (f", k = {r['k']}" if r["k"] else ", image score = maximum of the summed map"),
         "",
         "| search | image AUROC | bit-identical to the model's | max image-score difference "
         "| patches with another nearest row |",

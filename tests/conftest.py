@@ -56,13 +56,10 @@ def make_cfg(tmp_path):
     return _make
 
 
-@pytest.fixture(scope="session")
-def trained_run(synthetic_root, tmp_path_factory):
-    """A PatchCore run on synthetic brick (96 px), trained once for the tests that consume runs."""
+def _train(synthetic_root: Path, run: Path, *extra: str) -> Path:
     from defectlab.jobs import run_training
 
-    run = tmp_path_factory.mktemp("run")
-    overrides = [f"paths.output_dir={run}", *FAST, f"data.root={synthetic_root}"]
+    overrides = [f"paths.output_dir={run}", *FAST, f"data.root={synthetic_root}", *extra]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(
             "train", overrides=[*overrides, "data.category=brick"], return_hydra_config=True
@@ -70,3 +67,18 @@ def trained_run(synthetic_root, tmp_path_factory):
     HydraConfig.instance().set_config(cfg)
     run_training(cfg)
     return run
+
+
+@pytest.fixture(scope="session")
+def trained_run(synthetic_root, tmp_path_factory):
+    """A PatchCore run on synthetic brick (96 px), trained once for the tests that consume runs.
+
+    The default: two banks (``model.scales=auto`` -> two).
+    """
+    return _train(synthetic_root, tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="session")
+def trained_run_one_bank(synthetic_root, tmp_path_factory):
+    """The same run with one bank and Eq. 7 (``model.scales=one``, ``k`` 9): its own tests."""
+    return _train(synthetic_root, tmp_path_factory.mktemp("run_one"), "model.scales=one")

@@ -108,7 +108,9 @@ def test_bad_memory_config_fails_at_build(make_cfg):
 @pytest.mark.e2e
 def test_fit_streams_into_the_buffer_float16_and_chunked(make_cfg, synthetic_root, tmp_path):
     """The announced sizes are the real ones; float16 and chunked banks stay close to exact."""
+    # One bank: the sizes below are one layout's (two banks report theirs per member).
     common = (*FAST, f"data.root={synthetic_root}", "data.category=brick", "eval.plots=false")
+    common = (*common, "model.scales=one")
     runs = {}
     for name, extra in {
         "exact": ["model.memory.storage=ram"],

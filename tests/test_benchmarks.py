@@ -41,8 +41,13 @@ def test_patchcore_speed_and_backbone_floor_write_their_tables(synthetic_root, t
     proc = subprocess.run([*speed, *common], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = json.loads((tmp_path / "patchcore_speed.json").read_text())
-    assert row["fit_vectors"] == 22 * 12 * 12  # 22 fit images x (96 / 8)^2 patches
-    assert row["bank_rows"] == -(-row["fit_vectors"] // 10)  # ceil(10 %)
+    # The default's two banks: 22 fit images x (96 / 8)^2 fine and (96 / 16)^2 coarse patches.
+    assert row["scales"] == "two"
+    assert [b["fit_vectors"] for b in row["banks"]] == [22 * 12 * 12, 22 * 6 * 6]
+    assert [b["dim"] for b in row["banks"]] == [40, 152]
+    for bank in row["banks"]:
+        assert bank["rows"] == -(-bank["fit_vectors"] // 10)  # ceil(10 %)
+    assert row["bank_rows"] == sum(b["rows"] for b in row["banks"])
     for stage in ("embed", "knn", "map", "predict"):
         assert row["batch1_ms"][stage] > 0 and row["batchN_ms_per_image"][stage] > 0
     assert row["peak_rss_mb"] >= row["peak_rss_after_extract_mb"] > 0
@@ -75,7 +80,9 @@ def test_knn_search_benchmark_scores_options_against_exact(trained_run, tmp_path
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "knn_search.json").read_text())
+    # the default run's fine bank (lite0 blocks.2 at stride 8: 12 x 12 patches, 40-d)
     assert result["images"] == 3 and result["patches_per_image"] == 12 * 12
+    assert result["bank"] == "fine" and result["dim"] == 40
     exact, ivf_all, factory_all, projected = result["rows"]
     for row in (exact, ivf_all, factory_all):  # every cell probed: exact
         assert row["recall"] == 1.0 and row["mean_image_max_excess"] == pytest.approx(0, abs=1e-6)
@@ -134,11 +141,13 @@ def test_patchcore_variants_scores_label_free_and_tables(trained_run, tmp_path, 
     assert "| native_k1 |" in (out / "patchcore_variants.md").read_text()
 
 
-def test_search_exactness_matches_a_float64_brute_force(trained_run, synthetic_root, tmp_path):
+@pytest.mark.parametrize("run", ["trained_run", "trained_run_one_bank"])
+def test_search_exactness_matches_a_float64_brute_force(run, synthetic_root, tmp_path, request):
+    """Two banks (the default: summed maps) and one bank with Eq. 7 (k = 9)."""
     cmd = [
         sys.executable,
         "benchmarks/search_exactness.py",
-        str(trained_run),
+        str(request.getfixturevalue(run)),
         "--out",
         str(tmp_path),
     ]
@@ -146,7 +155,11 @@ def test_search_exactness_matches_a_float64_brute_force(trained_run, synthetic_r
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "search_exactness.json").read_text())
     test_images = list((synthetic_root / "brick" / "test").rglob("*.png"))
-    assert result["images"] == len(test_images) and result["k"] == 9
+    assert result["images"] == len(test_images)
+    if run == "trained_run":
+        assert set(result["banks"]) == {"fine", "coarse"} and result["k"] is None
+    else:
+        assert set(result["banks"]) == {"bank"} and result["k"] == 9
     brute = result["brute_fp64"]  # the model's scores are the float64 brute force's, bit for bit
     assert brute["image_scores_identical"] and brute["auroc_bit_identical"]
     assert brute["patches_with_another_nearest_row"] == 0

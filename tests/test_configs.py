@@ -167,6 +167,7 @@ def test_configs_from_before_hnsw_was_removed_still_build(tmp_path):
     cfg = _train_cfg(["debug=tiny"], tmp_path)
     old = OmegaConf.to_container(cfg, resolve=False)
     old.pop("hydra")
+    old["model"].pop("scales")  # those files predate model.scales: one bank
     old["model"]["knn"].update({"hnsw_m": 32, "ef_search": 64})
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an exact run's unused settings: no warning

@@ -65,7 +65,9 @@ def test_export_matches_the_trained_model(fmt, make_cfg, trained_run, synthetic_
     assert sidecar["sha256"] == export._sha256(path)
     predictor = Predictor.from_model(trained_run, "cpu")
     assert sidecar["threshold"] == predictor.system.calibration.as_dict()
-    assert sidecar["memory_bank_rows"] == len(predictor.system.model.memory_bank)
+    banks = [m.memory_bank for m in predictor.system.model.bank_models()]  # fine and coarse
+    assert sidecar["memory_bank_shapes"] == [list(b.shape) for b in banks]
+    assert sidecar["memory_bank_rows"] == sum(len(b) for b in banks)
     assert sidecar["input"]["size"] == (
         list(FRAME) if fmt == "onnx" else "any (one size per batch)"
     )

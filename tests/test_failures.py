@@ -160,9 +160,10 @@ def test_same_seed_same_scores_and_provenance(make_cfg, synthetic_root, tmp_path
         "torch"
     ].startswith(torch.__version__.split("+")[0])
     assert set(first["git"]) == {"commit", "dirty"}
-    bank = load_file(runs[0]["model_file"])["model.memory_bank"]
+    stored = load_file(runs[0]["model_file"])
+    banks = [stored[f"model.members.{name}.memory_bank"] for name in ("fine", "coarse")]
     from defectlab.provenance import tensor_sha256
 
-    assert tensor_sha256([bank]) == first["memory_bank_sha256"]
+    assert tensor_sha256(banks) == first["memory_bank_sha256"]  # both banks, fine first
     other = run_training(_cfg(make_cfg, synthetic_root, "seed=4", out=tmp_path / "run_other"))
     assert other["provenance"]["memory_bank_sha256"] != first["memory_bank_sha256"]

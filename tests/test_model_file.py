@@ -61,7 +61,13 @@ def _scores(predictor: Predictor, paths: list[Path]) -> list[float]:
     return predictor.score(images, [str(p) for p in paths])["score"].tolist()
 
 
-def test_model_file_holds_tensors_and_metadata_and_reproduces_the_run(trained_run, synthetic_root):
+# The default (two banks: model.members.{fine,coarse}.*) and one bank with Eq. 7 (model.*).
+RUNS = {"trained_run": "model.members.fine.", "trained_run_one_bank": "model."}
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_model_file_holds_tensors_and_metadata_and_reproduces_the_run(run, synthetic_root, request):
+    trained_run, prefix = request.getfixturevalue(run), RUNS[run]
     path = trained_run / MODEL_FILE
     meta = read_metadata(path)
     assert meta["format_version"] == FORMAT_VERSION and meta["config"]["model_name"] == "patchcore"
@@ -70,18 +76,24 @@ def test_model_file_holds_tensors_and_metadata_and_reproduces_the_run(trained_ru
     assert len(backbone["sha256"]) == 64 and backbone["stored_in_file"] is False
     assert meta["thresholds"]["normalization"] == "threshold"
     assert meta["preprocessing"]["resize"] == [96, 96]
-    assert meta["tensors"]["resizable"] == ["model.bank_neighbors", "model.memory_bank"]
+    banks = [prefix] if prefix == "model." else ["model.members.fine.", "model.members.coarse."]
+    assert meta["tensors"]["resizable"] == sorted(
+        f"{b}{name}" for b in banks for name in ("bank_neighbors", "memory_bank")
+    )
     stored = load_file(path)
     assert not any(".extractor.net." in k for k in stored)  # frozen weights are rebuilt, not stored
-    assert {"model.memory_bank", "calibration.image_threshold"} <= stored.keys()
+    assert {f"{b}memory_bank" for b in banks} | {"calibration.image_threshold"} <= stored.keys()
     assert not (trained_run / LEGACY_CHECKPOINT).exists()  # no pickle is written any more
 
-    loaded = load_model(trained_run)
-    assert torch.equal(loaded.system.model.memory_bank, stored["model.memory_bank"])
-    # Eq. 7's bank neighbours were found at fit time and come back as stored, not searched again.
-    neighbours = stored["model.bank_neighbors"]
-    assert neighbours.shape == (len(stored["model.memory_bank"]), loaded.system.model.k)
-    assert torch.equal(loaded.system.model.bank_neighbors, neighbours)
+    loaded = load_model(trained_run).system.model
+    for bank, member in zip(banks, loaded.bank_models(), strict=True):
+        assert torch.equal(member.memory_bank, stored[f"{bank}memory_bank"])
+        # Eq. 7's bank neighbours (two banks: k = 1) were found at fit time and come back as
+        # stored, not searched again.
+        neighbours = stored[f"{bank}bank_neighbors"]
+        assert neighbours.shape == (len(stored[f"{bank}memory_bank"]), member.k)
+        assert torch.equal(member.bank_neighbors, neighbours)
+    assert loaded.bank_models()[0].k == (9 if prefix == "model." else 1)
     # The scores the run reported came from this very loader; they come out the same again.
     saved = {
         p["path"]: p["score"] for p in json.loads((trained_run / "predictions.json").read_text())
@@ -119,7 +131,9 @@ def test_a_planted_pickle_is_refused_and_never_executed(trained_run, tmp_path):
     assert not marker.exists() and not (old_run / MODEL_FILE).exists()
 
 
-def test_unknown_format_wrong_tensors_and_foreign_files_are_refused(trained_run, tmp_path):
+@pytest.mark.parametrize("run", RUNS)
+def test_unknown_format_wrong_tensors_and_foreign_files_are_refused(run, tmp_path, request):
+    trained_run, prefix = request.getfixturevalue(run), RUNS[run]
     source = trained_run / MODEL_FILE
 
     def planted(name, **changes):
@@ -129,16 +143,16 @@ def test_unknown_format_wrong_tensors_and_foreign_files_are_refused(trained_run,
     with pytest.raises(ModelFileError, match="format version 2, which this defectlab"):
         load_model(newer.parents[1])
 
-    bank = "model.memory_bank"
+    bank = f"{prefix}memory_bank"
     narrow = planted("narrow", tensors=lambda t: t.update({bank: t[bank][:, :-1].contiguous()}))
     dim = load_file(source)[bank].shape[1]  # the default embedding's width
     with pytest.raises(
         ModelFileError,
-        match=rf"model.memory_bank has shape \(\d+, {dim - 1}\), the model needs \(N, {dim}\)",
+        match=rf"{bank} has shape \(\d+, {dim - 1}\), the model needs \(N, {dim}\)",
     ):
         load_model(narrow)
     wide_dtype = planted("dtype", tensors=lambda t: t.update({bank: t[bank].double()}))
-    with pytest.raises(ModelFileError, match="model.memory_bank has dtype torch.float64"):
+    with pytest.raises(ModelFileError, match=f"{bank} has dtype torch.float64"):
         load_model(wide_dtype)
     scalar = "calibration.image_threshold"
     fixed = planted("fixed", tensors=lambda t: t.update({scalar: t[scalar].reshape(1)}))
@@ -150,14 +164,15 @@ def test_unknown_format_wrong_tensors_and_foreign_files_are_refused(trained_run,
     # A declared resizable buffer may change its leading size: a smaller bank loads, and its
     # bank neighbours, which no longer fit it, are found again for it.
     fewer = planted("fewer", tensors=lambda t: t.update({bank: t[bank][:50].clone()}))
-    small = load_model(fewer).system.model
+    small = load_model(fewer).system.model.bank_models()[0]
     assert small.memory_bank.shape[0] == 50 and small.bank_neighbors.shape == (50, small.k)
     assert int(small.bank_neighbors.max()) < 50
     # A file written before the neighbours were stored (a derived buffer) loads; they are found
     # again, equal to the stored ones.
-    neighbours = "model.bank_neighbors"
+    neighbours = f"{prefix}bank_neighbors"
     older = planted("older", tensors=lambda t: t.pop(neighbours) is None)
-    assert torch.equal(load_model(older).system.model.bank_neighbors, load_file(source)[neighbours])
+    again = load_model(older).system.model.bank_models()[0].bank_neighbors
+    assert torch.equal(again, load_file(source)[neighbours])
 
     plain = tmp_path / "plain.safetensors"
     save_file({"w": torch.zeros(2)}, plain)

@@ -80,9 +80,15 @@ def test_results_record_the_run_its_costs_and_bank(results):
     )
     assert results["timing"]["fit_s"] > 0 and results["timing"]["test_images_per_s"] > 0
     assert results["memory"]["peak_rss_mb"] > 0
-    n_patches = results["counts"]["train"] * 12 * 12  # 96 px at stride 8
-    # ceil(10 %) rows of native features: lite0 blocks.2 + blocks.4 = 40 + 112 channels
-    assert results["memory"]["bank_shape"] == [-(-n_patches // 10), 152]
+    # Two banks (model.scales=auto): ceil(10 %) of the fine patches (96 px at stride 8, lite0
+    # blocks.2: 40 channels) and of the coarse ones (stride 16, blocks.2 + blocks.4 = 40 + 112).
+    fine, coarse = (results["counts"]["train"] * side**2 for side in (12, 6))
+    memory = results["memory"]
+    assert memory["bank_shapes"] == [[-(-fine // 10), 40], [-(-coarse // 10), 152]]
+    assert memory["bank_shape"] is None  # set for one bank only
+    assert memory["bank_mb"] == pytest.approx(
+        sum(r * d for r, d in memory["bank_shapes"]) * 4 / 2**20
+    )
 
 
 def test_thresholds_are_held_out_statistics_and_decide_predictions(results, trained_run):

@@ -29,7 +29,7 @@ from defectlab.errors import ConfigError, DataError, ExportError
 from defectlab.imageio import load_image
 from defectlab.inference import Predictor
 from defectlab.model_file import locate_model, run_folder
-from defectlab.models.protocols import BankModel
+from defectlab.models.protocols import BankModel, memory_banks
 from defectlab.results import atomic_target
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -260,7 +260,7 @@ def _sidecar(
     cfg = predictor.run_config
     backbone = cfg.get("backbone")
     model = predictor.system.model
-    bank = model.memory_bank if isinstance(model, BankModel) else None
+    banks = memory_banks(model)
     return {
         "format": fmt,
         "file": artefact.name,
@@ -292,7 +292,9 @@ def _sidecar(
             "segmentation": "anomaly map >= pixel_threshold (B, 1, h, w) bool",
         },
         "threshold": predictor.system.calibration.as_dict(),
-        "memory_bank_rows": None if bank is None else len(bank),
+        # Rows over every bank (model.scales=two: fine + coarse), and each bank's shape.
+        "memory_bank_rows": sum(len(b) for b in banks) if banks else None,
+        "memory_bank_shapes": [list(b.shape) for b in banks],
         "opset": opset if fmt == "onnx" else None,
         "torch": str(torch.__version__),
         "parity": parity,

@@ -83,9 +83,9 @@ def seeds(cfg: DictConfig) -> dict[str, int]:
 
 
 def provenance(
-    cfg: DictConfig, model: torch.nn.Module, bank: torch.Tensor | None = None
+    cfg: DictConfig, model: torch.nn.Module, banks: list[torch.Tensor] | None = None
 ) -> dict[str, Any]:
-    """The ``provenance`` section of results.json (``bank``: the model's one memory bank, if any)."""
+    """The ``provenance`` section of results.json (``banks``: the model's memory banks, if any)."""
     state = model.state_dict()
     return {
         "seeds": seeds(cfg),
@@ -94,7 +94,10 @@ def provenance(
         "packages": package_versions(),
         "git": git_state(),
         "torch_threads": torch.get_num_threads(),
-        "memory_bank_sha256": None if bank is None or not bank.numel() else tensor_sha256([bank]),
+        # One hash over every bank in order (one bank: the hash of that bank alone).
+        "memory_bank_sha256": tensor_sha256(banks)
+        if banks and any(b.numel() for b in banks)
+        else None,
         # Every tensor the checkpoint restores (weights, bank, calibration buffers), by name.
         "model_sha256": tensor_sha256([state[k] for k in sorted(state)]),
     }

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from defectlab.components import FeatureExtractor
 from defectlab.jobs.setup import Job
 from defectlab.models import PatchCore
-from defectlab.models.protocols import BankModel, MemoryBankModel
+from defectlab.models.protocols import memory_banks
 from defectlab.provenance import provenance
 from defectlab.results import peak_rss_mb
 from defectlab.systems.reports import TestReport
@@ -20,12 +20,6 @@ from defectlab.systems.reports import TestReport
 def _uses(model: torch.nn.Module, kind: type) -> bool:
     """True if ``model`` is or contains a ``kind`` module (ensembles hold one per member)."""
     return any(isinstance(module, kind) for module in model.modules())
-
-
-def _bank(model: torch.nn.Module) -> torch.Tensor | None:
-    """The memory bank of a one-bank model; None for trained models and ensembles (several)."""
-    banks = model.bank_models() if isinstance(model, MemoryBankModel) else []
-    return banks[0].memory_bank if len(banks) == 1 else None
 
 
 def assemble_results(
@@ -40,7 +34,7 @@ def assemble_results(
     cfg, system, datamodule = job.cfg, job.system, job.datamodule
     category = cfg.data.category
     n_test = len(datamodule.test_set)
-    bank = _bank(system.model)
+    banks = memory_banks(system.model)
     return {
         "status": "completed",
         "category": category,
@@ -66,9 +60,11 @@ def assemble_results(
         },
         "memory": {
             "peak_rss_mb": peak_rss_mb(),
-            "bank_mb": None if bank is None else bank.numel() * bank.element_size() / 2**20,
+            "bank_mb": sum(b.numel() * b.element_size() for b in banks) / 2**20 if banks else None,
             "parameters": sum(p.numel() for p in system.model.parameters()),
-            "bank_shape": None if bank is None else list(bank.shape),
+            # One bank: its shape; several (model.scales=two, backbone=ensemble): bank_shapes.
+            "bank_shape": list(banks[0].shape) if len(banks) == 1 else None,
+            "bank_shapes": [list(b.shape) for b in banks],
             # Training-embedding buffer of memory-bank models (size, dtype, chunking): from fitting.
             **extra.pop("memory", {}),
         },
@@ -81,11 +77,7 @@ def assemble_results(
         },
         "model_file": str(model_file.resolve()),
         "seed": cfg.seed,
-        "provenance": provenance(
-            cfg,
-            system.model,
-            system.model.memory_bank if isinstance(system.model, BankModel) else None,
-        ),
+        "provenance": provenance(cfg, system.model, banks),
         # on_bad_file=skip: what was left out, and masks with no image (ignored either way).
         "data_issues": {
             "skipped_files": list(datamodule.skipped),

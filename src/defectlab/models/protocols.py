@@ -72,6 +72,12 @@ class MemoryBankModel(AnomalyModel, Protocol):
     def prepare(self, images: torch.Tensor) -> None: ...
 
 
+def memory_banks(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Every memory bank of ``model``, in ``bank_models()`` order; none for trained models."""
+    banks = model.bank_models() if isinstance(model, MemoryBankModel) else []
+    return [bank.memory_bank for bank in banks]
+
+
 @runtime_checkable
 class PatchEmbeddingModel(AnomalyModel, Protocol):
     """Scores from patch features it can hand out too (PatchCore): ``(output, (B, h, w, D))``."""

@@ -175,13 +175,13 @@ class TwoScalePatchCore(nn.Module):
     @torch.no_grad()
     def predict_embedded(self, images: torch.Tensor) -> tuple[AnomalyOutput, torch.Tensor]:
         """:meth:`predict` and the coarse patch features ``(B, h, w, D)`` (every layer)."""
-        grid, coarse = self._grid(images)
+        emb = self.embed(images)
+        grid, score = self.score_patches(emb)
         amap = self.anomaly_map(grid, tuple(images.shape[-2:]))
-        score = grid.flatten(1).amax(dim=1)
         if self.pixel_statistics is not None:
             amap = self.pixel_statistics.z_scores(amap)
             score = amap.flatten(1).amax(dim=1)
-        return AnomalyOutput(score=score, anomaly_map=amap), coarse
+        return AnomalyOutput(score=score, anomaly_map=amap), emb[1]
 
     @torch.no_grad()
     def fit_statistics(self, good_images: Iterable[torch.Tensor]) -> None:
@@ -189,18 +189,32 @@ class TwoScalePatchCore(nn.Module):
         if self.pixel_statistics is None:
             return
         self.pixel_statistics.fit(
-            self.anomaly_map(self._grid(images)[0], tuple(images.shape[-2:]))
+            self.anomaly_map(self.score_patches(self.embed(images))[0], tuple(images.shape[-2:]))
             for images in good_images
         )
 
-    def _grid(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed distances on the fine grid ``(B, 1, h, w)``, and the coarse patch features."""
+    # The stages of PatchCore's (embed -> score_patches -> anomaly_map), for one backbone pass and
+    # two banks: benchmarks time them alike for both layouts.
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fine ``(B, h, w, Df)`` and coarse ``(B, h', w', Dc)`` patch features of one pass."""
         features = self.extractor(images)
         fine = self.fine.embedder(features).permute(0, 2, 3, 1)
         coarse = self.coarse.embedder(features).permute(0, 2, 3, 1)
-        near, _ = self.fine.score_patches(fine)
-        far, _ = self.coarse.score_patches(coarse)
-        grid = near + F.interpolate(
-            far, size=tuple(near.shape[-2:]), mode="bilinear", align_corners=False
-        )
-        return grid, coarse
+        return fine, coarse
+
+    @torch.no_grad()
+    def score_patches(
+        self, emb: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed distances on the fine grid ``(B, 1, h, w)`` and image scores (their maximum)."""
+        near, _ = self.fine.score_patches(emb[0])
+        far, _ = self.coarse.score_patches(emb[1])
+        grid = self.combine(near, far)
+        return grid, grid.flatten(1).amax(dim=1)
+
+    @staticmethod
+    def combine(near: torch.Tensor, far: torch.Tensor) -> torch.Tensor:
+        """Fine distances ``(B, 1, h, w)`` plus coarse ones ``(B, 1, h', w')`` resized onto them."""
+        size = tuple(near.shape[-2:])
+        return near + F.interpolate(far, size=size, mode="bilinear", align_corners=False)
