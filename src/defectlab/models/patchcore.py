@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -26,7 +26,7 @@ from defectlab.components.bank_buffer import (
 from defectlab.components.embedding import Embedder
 from defectlab.components.sampler import num_samples
 from defectlab.errors import ConfigError
-from defectlab.models.output import AnomalyOutput
+from defectlab.models.patch_scoring import PatchScoring
 
 AUTO = "auto"
 # model.memory.embed_batch=auto on CPU. ELPV mono, lite0 native, 10 % bank, 2 cores: evaluate.py
@@ -38,7 +38,7 @@ AUTO = "auto"
 CPU_EMBED_BATCH = 2
 
 
-class PatchCore(nn.Module):
+class PatchCore(PatchScoring, nn.Module):
     """Memory bank of locally aware patch features, scored by nearest-neighbour distance.
 
     Args:
@@ -236,34 +236,6 @@ class PatchCore(nn.Module):
                 "PatchCore has an empty memory bank: fit it or load a checkpoint first"
             )
         return self.knn.ensure_fitted(self.memory_bank)
-
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> AnomalyOutput:
-        """Score images ``(B, 3, H, W)`` in [0, 1]."""
-        return self.predict_embedded(images)[0]
-
-    @torch.no_grad()
-    def predict_embedded(self, images: torch.Tensor) -> tuple[AnomalyOutput, torch.Tensor]:
-        """:meth:`predict` and the patch features ``(B, h, w, D)`` it scored (one backbone pass)."""
-        emb = self.embed(images)
-        patch_scores, score = self.score_patches(emb)
-        amap = self.anomaly_map(patch_scores, tuple(images.shape[-2:]))
-        if self.pixel_statistics is not None:
-            amap = self.pixel_statistics.z_scores(amap)
-            score = amap.flatten(1).amax(dim=1)
-        return AnomalyOutput(score=score, anomaly_map=amap), emb
-
-    @torch.no_grad()
-    def fit_statistics(self, good_images: Iterable[torch.Tensor]) -> None:
-        """Fit ``pixel_statistics`` on the raw maps of held-out good images (never test data)."""
-        if self.pixel_statistics is None:
-            return
-        self.pixel_statistics.fit(self._raw_map(images) for images in good_images)
-
-    def _raw_map(self, images: torch.Tensor) -> torch.Tensor:
-        """The smoothed patch-distance map ``(B, 1, H, W)``, before any per-pixel statistics."""
-        patch_scores, _ = self.score_patches(self.embed(images))
-        return self.anomaly_map(patch_scores, tuple(images.shape[-2:]))
 
     @torch.no_grad()
     def score_patches(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -40,7 +40,7 @@ from defectlab.components import (
 )
 from defectlab.components.embedding import Embedder
 from defectlab.errors import ConfigError
-from defectlab.models.output import AnomalyOutput
+from defectlab.models.patch_scoring import PatchScoring
 from defectlab.models.patchcore import PatchCore
 
 SCALES = ("auto", "one", "two")
@@ -72,7 +72,7 @@ def why_not_two_scales(
     return None
 
 
-class TwoScalePatchCore(nn.Module):
+class TwoScalePatchCore(PatchScoring, nn.Module):
     """A fine and a coarse PatchCore bank sharing one backbone; image score = max of the summed map.
 
     Args:
@@ -167,33 +167,11 @@ class TwoScalePatchCore(nn.Module):
     def is_fitted(self) -> bool:
         return all(m.is_fitted for m in self.members.values())
 
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> AnomalyOutput:
-        """Score images ``(B, 3, H, W)`` in [0, 1]."""
-        return self.predict_embedded(images)[0]
+    def scored_features(self, emb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The coarse patch features ``(B, h, w, D)`` (every layer) of one pass."""
+        return emb[1]
 
-    @torch.no_grad()
-    def predict_embedded(self, images: torch.Tensor) -> tuple[AnomalyOutput, torch.Tensor]:
-        """:meth:`predict` and the coarse patch features ``(B, h, w, D)`` (every layer)."""
-        emb = self.embed(images)
-        grid, score = self.score_patches(emb)
-        amap = self.anomaly_map(grid, tuple(images.shape[-2:]))
-        if self.pixel_statistics is not None:
-            amap = self.pixel_statistics.z_scores(amap)
-            score = amap.flatten(1).amax(dim=1)
-        return AnomalyOutput(score=score, anomaly_map=amap), emb[1]
-
-    @torch.no_grad()
-    def fit_statistics(self, good_images: Iterable[torch.Tensor]) -> None:
-        """Fit ``pixel_statistics`` on the raw maps of held-out good images (never test data)."""
-        if self.pixel_statistics is None:
-            return
-        self.pixel_statistics.fit(
-            self.anomaly_map(self.score_patches(self.embed(images))[0], tuple(images.shape[-2:]))
-            for images in good_images
-        )
-
-    # The stages of PatchCore's (embed -> score_patches -> anomaly_map), for one backbone pass and
+    # The stages PatchScoring runs (embed -> score_patches -> anomaly_map), for one backbone pass and
     # two banks: benchmarks time them alike for both layouts.
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
