@@ -102,6 +102,23 @@ def test_exact_search_property(problem):
 
 
 @pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_minima_of_half_float_bits_with_distances_rounded_below_zero(precision, k):
+    # Pass 1 takes group minima of the half-precision products' bits as int16 (exact_search._keys):
+    # that orders non-negative distances as floats do but puts every negative one, a distance of
+    # ~0 rounded below it, below them all in reverse order. Queries that are bank rows far from
+    # the centre give such negatives next to positive distances in the same row groups.
+    g = torch.Generator().manual_seed(k)
+    bank = torch.randn(700, 24, generator=g) + 40 * torch.randn(700, 1, generator=g)
+    queries = torch.cat([bank[::7], bank[3::7] + 1e-3 * torch.randn(100, 24, generator=g)])
+    search = ExactSearch(bank, precision, block_rows=128)
+    xq, _ = search._low_queries(queries)
+    values = (search._low_bank @ xq.T).float()
+    assert (values < 0).any() and (values > 0).any()  # the case the keys must handle
+    assert_exact(search.search, queries, bank, k)
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
 def test_low_precision_scores_are_within_the_certified_bound(precision):
     # The products pass 1 ranks by, against -||q - b||^2 / 2 in float64, on rows of lengths
     # 1e-2 to 1e2 around an offset centre: |y_hat - y| <= E + u/(1-u) |y_hat|, and E is no
@@ -113,7 +130,8 @@ def test_low_precision_scores_are_within_the_certified_bound(precision):
     queries = torch.randn(200, dim, generator=g) * lengths.flip(0)[:200] + 7
     search = ExactSearch(bank, precision)
     xq, x_norm = search._low_queries(queries)
-    y_hat = (search._low_bank @ xq.T).double()  # the library's own product and rounding
+    # the library's own product and rounding: half squared distances, the scores negated
+    y_hat = -(search._low_bank @ xq.T).double()
     scale = search._scale
     exact = -(queries.double()[None] - bank.double()[:, None]).square().sum(-1) * scale**2 / 2
     w_norm = search._w_norm[:, None] * (1 + 2.0**-20)

@@ -3,9 +3,10 @@
 The search never holds the full queries x bank distance matrix. It runs in two passes:
 
 1. *Products.* For each block of bank rows, one matrix product gives every query's approximate
-   score ``y ~ -||q - b||^2 / 2`` (up to a per-query constant) for the block's rows, in bfloat16 on
-   CPUs where that is measured faster, float16 on CUDA, float32 otherwise. Only each group of
-   ``GROUP_ROWS`` rows' maximum score is kept (and each block's top-k of those).
+   half squared distance ``v ~ ||q - b||^2 / 2`` (up to a per-query constant) for the block's
+   rows, in bfloat16 on CPUs where that is measured faster, float16 on CUDA, float32 otherwise.
+   Only each group of ``GROUP_ROWS`` rows' minimum is kept (and each block's k smallest of those).
+   The score ranked below is ``y = -v``.
 2. *Certification.* A rigorous bound ``E`` on the error of a score (``components/rounding.py``)
    gives a lower bound on the k-th best true score, and so a threshold below which no row can be
    among the k nearest. Only the row groups whose maximum reaches it are
@@ -19,6 +20,7 @@ Ties (equal float64 distances, e.g. duplicate bank rows) go to the lower bank in
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,22 +34,24 @@ from defectlab.components.products import (
 )
 from defectlab.components.rounding import TINY, UNIT, fp32_bound, gamma, low_precision_bound
 
-# Rows per group whose maximum score pass 1 keeps: the candidates are whole groups, so their
+# Rows per group whose best score (minimum value) pass 1 keeps: the candidates are whole groups, so their
 # number per query is about GROUP_ROWS x (groups near the k-th neighbour). Measured on ELPV
 # lite0 banks (784 queries): the group maxima cost the same for 4 to 32 rows; fewer rows per group
 # leave fewer candidates to measure.
 GROUP_ROWS = 4
-# Row groups per super group: pass 1 also keeps each super group's maximum, so that choosing
-# candidates reads a query's 20-odd super maxima per block, then only the groups of the super
+# Row groups per super group: pass 1 also keeps each super group's best, so that choosing
+# candidates reads a query's 20-odd super minima per block, then only the groups of the super
 # groups that reach the threshold, instead of all of a block's groups (each a strided read of the
 # group maxima). ELPV mono bank (24,932 x 152), 8 test images, 2 threads, bfloat16, same process:
 # median search per image 24.1 ms without super groups, 19.5 ms with 16 (docs/benchmarks/search.md);
 # 4 / 8 / 16 / 32 groups per super group interleaved: 14.3 / 14.1 / 13.8 / 14.0 ms.
 SUPER_GROUPS = 16
-# Bytes of group maxima kept per query chunk (sets the queries per chunk on large banks).
+# Bytes of group minima kept per query chunk (sets the queries per chunk on large banks).
 GROUP_STATS_BYTES = 32 * 2**20
 # Bytes of candidate bank rows gathered at once to measure their distances.
 RANK_BYTES = 8 * 2**20
+# Half-precision tiles whose minima are taken on their bits as int16 (see _keys).
+HALF_FLOATS = (torch.bfloat16, torch.float16)
 
 
 class ExactSearch:
@@ -81,8 +85,8 @@ class ExactSearch:
         device = self.bank.device
         # Row norms in float64, a slice at a time (no float64 copy of the bank).
         norm = torch.cat([_norms64(part) for part in self._slices()])
-        # float32 path: -||b||^2 / 2 as the product's bias; no copy of the bank.
-        self._bias = (-norm.square() / 2).float().unsqueeze(1)
+        # float32 path: ||b||^2 / 2 as the product's bias; no copy of the bank.
+        self._bias = (norm.square() / 2).float().unsqueeze(1)
         self._norm = norm
         if precision == "auto":
             fast = low_precision_is_faster(device.type, dim, torch.get_num_threads())
@@ -130,7 +134,12 @@ class ExactSearch:
         if self.query_rows:
             return self.query_rows
         groups = math.ceil(len(self.bank) / GROUP_ROWS)
-        return max(256, GROUP_STATS_BYTES // (groups * 4))
+        # int16 keys of half-precision products on CPU, else 4-byte values (_pass1)
+        key_bytes = 2 if self.dtype in HALF_FLOATS and self.bank.device.type == "cpu" else 4
+        most = max(256, GROUP_STATS_BYTES // (groups * key_bytes))
+        # Equal chunks: 1,568 queries (two 224 px images) on the ELPV fine bank were 1,345 + 223,
+        # and a small chunk pays every per-chunk cost for few queries.
+        return math.ceil(queries / math.ceil(queries / most))
 
     @torch.no_grad()
     def search(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,7 +169,7 @@ class ExactSearch:
         return self._rank(queries, query, rows, k)
 
     def _pass1(self, product, norms, bound, n: int, k: int, dtype: torch.dtype, out_unit: float):
-        """Scores of pass 1, reduced: see :class:`Pass1`."""
+        """Pass 1's values, reduced to group minima: see :class:`Pass1`."""
         rows = len(self.bank)
         block = self.block_rows or default_block_rows(self.bank.device, n, dtype.itemsize)
         unit = GROUP_ROWS * SUPER_GROUPS
@@ -168,23 +177,31 @@ class ExactSearch:
         blocks = math.ceil(rows / block)
         groups = block // GROUP_ROWS
         device = self.bank.device
-        maxima = torch.empty(blocks, groups, n, dtype=dtype, device=device)
-        maxima[-1, math.ceil((rows - (blocks - 1) * block) / GROUP_ROWS) :] = -math.inf
-        supers = torch.empty(blocks, groups // SUPER_GROUPS, n, dtype=dtype, device=device)
+        key = torch.int16 if dtype in HALF_FLOATS else dtype
+        minima = torch.empty(blocks, groups, n, dtype=key, device=device)
+        # padding groups: +inf, never a candidate
+        minima[-1, math.ceil((rows - (blocks - 1) * block) / GROUP_ROWS) :] = _keys(
+            torch.tensor(math.inf, dtype=dtype, device=device)
+        )
+        supers = torch.empty(blocks, groups // SUPER_GROUPS, n, dtype=key, device=device)
         # One output tile, reused: a fresh megabyte-sized tensor per product is a fresh mapping
         # from the OS on CPU (page faults on every block). CUDA's allocator caches its own.
         tile = None if device.type == "cuda" else torch.empty(block, n, dtype=dtype, device=device)
         for b in range(blocks):
             start, stop = b * block, min(rows, (b + 1) * block)
-            y = product(start, stop, None if tile is None else tile[: stop - start])
+            y = _keys(product(start, stop, None if tile is None else tile[: stop - start]))
             whole = (stop - start) // GROUP_ROWS * GROUP_ROWS
-            _group_maxima(y[:whole], maxima[b, : whole // GROUP_ROWS])
+            _group_minima(y[:whole], minima[b, : whole // GROUP_ROWS])
             if whole < stop - start:
-                maxima[b, whole // GROUP_ROWS] = y[whole:].amax(0)
-            torch.amax(maxima[b].view(-1, SUPER_GROUPS, n), dim=1, out=supers[b])
-        # Each block's top-k group maxima, all blocks in one call (k = 1: the super maxima's).
-        top = maxima.topk(min(k, groups), dim=1).values if k > 1 else supers.amax(1, keepdim=True)
-        return Pass1(maxima, supers, top, bound(_block_maxima(norms, block)), out_unit)
+                minima[b, whole // GROUP_ROWS] = y[whole:].amin(0)
+            torch.amin(minima[b].view(-1, SUPER_GROUPS, n), dim=1, out=supers[b])
+        # Each block's k smallest group minima, all blocks in one call (k = 1: the supers').
+        if k > 1:
+            top = minima.topk(min(k, groups), dim=1, largest=False).values
+        else:
+            top = supers.amin(1, keepdim=True)
+        error = bound(_block_maxima(norms, block))
+        return Pass1(minima, supers, top, error, out_unit, dtype)
 
     def _low_queries(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries as the low-precision product reads them, and upper bounds of their norms."""
@@ -192,11 +209,14 @@ class ExactSearch:
         x = (queries - self._centre).mul_(self._scale)  # exact scaling; centring rounds <= u32
         square = torch.linalg.vecdot(x, x).double()  # float32 sum: relative error <= gamma_D
         x_norm = (square * (1 + gamma(dim))).sqrt()
-        half = -square / 2
+        # -x and -1 against the bank's w, h + l (~ -||w||^2 / 2) and ones: the product is
+        # ||x - w||^2 / 2, the score negated exactly (same rounding, same bound), never below 0
+        # but by its error; _keys relies on that.
+        half = square / 2
         high = half.to(self.dtype)
         xq = torch.empty(n, dim + 4, dtype=self.dtype, device=x.device)
-        xq[:, :dim] = x
-        xq[:, dim : dim + 2] = 1
+        xq[:, :dim] = -x
+        xq[:, dim : dim + 2] = -1
         xq[:, dim + 2] = high
         xq[:, dim + 3] = (half - high.double()).to(self.dtype)
         return xq, x_norm
@@ -231,8 +251,10 @@ class ExactSearch:
         q_norm = queries.double().square().sum(1).sqrt()
         dim = queries.shape[1]
 
+        negated = -queries  # exact: the product is ||b||^2 / 2 - q . b, the score negated
+
         def product(start, stop, out):
-            return torch.addmm(self._bias[start:stop], self.bank[start:stop], queries.T, out=out)
+            return torch.addmm(self._bias[start:stop], self.bank[start:stop], negated.T, out=out)
 
         def bound(block_norm):
             return fp32_bound(q_norm[None], block_norm[:, None], dim)
@@ -244,16 +266,17 @@ class ExactSearch:
     def _candidates(self, p: Pass1, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(query, first row)`` of every row group that can hold one of a query's k nearest.
 
-        Every kept score y_hat is within ``error + u' |y_hat|`` of its true value (u' from the
-        output rounding), a monotone band. Each block's top-k group maxima belong to distinct
+        Every kept score y_hat (``-v`` of a kept value, :meth:`Pass1.scores`) is within
+        ``error + u' |y_hat|`` of its true value (u' from the output rounding), a monotone band.
+        Each block's top-k group scores (its k smallest group minima of v) belong to distinct
         rows whose true score is at least ``y_hat - u'|y_hat| - E``: the k-th largest of those,
         ``lower``, bounds the k-th best true score from below. A row can only be among the k best
         if ``y_hat + u'|y_hat| + E >= lower``; groups whose maximum fails it are out. The test
         runs on blocks, then on their super groups, then on the groups of the super groups
-        that pass (a maximum that fails it rules out everything under it).
+        that pass (a best score that fails it rules out everything under it).
         """
         u = p.out_unit / (1 - p.out_unit)
-        top64 = p.top.double()
+        top64 = p.scores(p.top)
         reach = top64 - p.error[:, None]  # (blocks, k, n); padding groups are -inf
         if u:  # (not 0 * inf)
             reach = reach - u * top64.abs()
@@ -272,9 +295,9 @@ class ExactSearch:
         threshold = threshold[b_idx, q_idx]
         # passing blocks -> their passing super groups (block * supers + s) -> their passing
         # groups (block * groups + g, the bank's group number: its first row is GROUP_ROWS x it)
-        cell, q_idx, threshold = _passing(p.supers, b_idx, q_idx, threshold)
-        groups = p.maxima.view(-1, SUPER_GROUPS, n)  # (blocks * supers, SUPER_GROUPS, n)
-        group, q_idx, _ = _passing(groups, cell, q_idx, threshold)
+        cell, q_idx, threshold = _passing(p.supers, b_idx, q_idx, threshold, p.scores)
+        groups = p.minima.view(-1, SUPER_GROUPS, n)  # (blocks * supers, SUPER_GROUPS, n)
+        group, q_idx, _ = _passing(groups, cell, q_idx, threshold, p.scores)
         return q_idx, group * GROUP_ROWS
 
     def _rank(self, queries, query, start, k):
@@ -348,48 +371,72 @@ class ExactSearch:
 
 @dataclass
 class Pass1:
-    """What pass 1 keeps of one query chunk's scores.
+    """What pass 1 keeps of one query chunk's values ``v`` (``-v`` is the score).
 
     Attributes:
-        maxima: each row group's maximum score ``(blocks, groups, n)``.
-        supers: each super group's maximum ``(blocks, groups / SUPER_GROUPS, n)``.
-        top: each block's k best group maxima ``(blocks, k, n)`` (k = 1: its maximum).
+        minima: each row group's minimum ``(blocks, groups, n)``, as :func:`_keys`.
+        supers: each super group's minimum ``(blocks, groups / SUPER_GROUPS, n)``.
+        top: each block's k smallest group minima ``(blocks, k, n)`` (k = 1: its minimum).
         error: the score error bound of each block and query ``(blocks, n)``.
         out_unit: unit roundoff of the product's output (0 when it is float32).
+        dtype: the product's output dtype (the keys' meaning).
     """
 
-    maxima: torch.Tensor
+    minima: torch.Tensor
     supers: torch.Tensor
     top: torch.Tensor
     error: torch.Tensor
     out_unit: float
+    dtype: torch.dtype
+
+    def scores(self, keys: torch.Tensor) -> torch.Tensor:
+        """float64 scores ``-v`` of kept keys (any shape)."""
+        values = keys.view(self.dtype) if keys.dtype != self.dtype else keys
+        return -values.double()
 
 
-def _group_maxima(y: torch.Tensor, out: torch.Tensor) -> None:
-    """Maximum of each ``GROUP_ROWS`` consecutive rows of ``y`` into ``out``.
+def _keys(y: torch.Tensor) -> torch.Tensor:
+    """Pass 1's values as the minima read them: half floats as their bits, as int16.
 
-    Elementwise maxima of strided row views: 2.2x faster than ``amax`` over a ``(-1, 4, n)``
+    torch's elementwise minimum of int16 ran 3x faster than of bfloat16 here (55 against 170 us
+    for a 768 x 1345 tile; 37 against 12 GB/s). The bits of non-negative floats order as the
+    floats do, and every negative one (a distance whose rounding went below 0) below all of
+    them, so a minimum over keys is an element that is either the minimum or negative; a
+    negative minimum is a score above 0, which passes any threshold (every threshold is at most
+    0), so no group is wrongly ruled out, and each kept key is still some row's value.
+    """
+    return y.view(torch.int16) if y.dtype in HALF_FLOATS else y
+
+
+def _group_minima(y: torch.Tensor, out: torch.Tensor) -> None:
+    """Minimum of each ``GROUP_ROWS`` consecutive rows of ``y`` into ``out``.
+
+    Elementwise minima of strided row views: 2.2x faster than ``amin`` over a ``(-1, 4, n)``
     view for the 2 MB product tiles here (5.1 against 11.3 ms added to the products of
     24,932 rows, 2 threads, loaded machine).
     """
-    torch.maximum(y[0::GROUP_ROWS], y[1::GROUP_ROWS], out=out)
+    torch.minimum(y[0::GROUP_ROWS], y[1::GROUP_ROWS], out=out)
     for j in range(2, GROUP_ROWS):
-        torch.maximum(out, y[j::GROUP_ROWS], out=out)
+        torch.minimum(out, y[j::GROUP_ROWS], out=out)
 
 
 def _passing(
-    maxima: torch.Tensor, cell: torch.Tensor, query: torch.Tensor, threshold: torch.Tensor
+    minima: torch.Tensor,
+    cell: torch.Tensor,
+    query: torch.Tensor,
+    threshold: torch.Tensor,
+    scores: Callable[[torch.Tensor], torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The entries of ``maxima (cells, parts, n)`` reaching each pair's threshold.
+    """The entries of ``minima (cells, parts, n)`` whose score reaches each pair's threshold.
 
-    For each ``(cell, query)`` pair, ``maxima[cell, :, query]`` is read (one gather of flat
-    offsets: indexing around a slice would copy all of it) and compared with its float64
-    ``threshold``. Returns ``cell * parts + part``, the query and the threshold of each entry
-    that reaches it.
+    For each ``(cell, query)`` pair, ``minima[cell, :, query]`` is read (one gather of flat
+    offsets: indexing around a slice would copy all of it), turned into float64 ``scores`` and
+    compared with its ``threshold``. Returns ``cell * parts + part``, the query and the threshold
+    of each entry that reaches it.
     """
-    parts, n = maxima.shape[1], maxima.shape[2]
+    parts, n = minima.shape[1], minima.shape[2]
     offsets = (cell * parts * n + query)[:, None] + n * torch.arange(parts, device=cell.device)
-    values = maxima.reshape(-1)[offsets].double()  # (pairs, parts)
+    values = scores(minima.reshape(-1)[offsets])  # (pairs, parts)
     pair, part = (values >= threshold[:, None]).nonzero(as_tuple=True)
     return cell[pair] * parts + part, query[pair], threshold[pair]
 

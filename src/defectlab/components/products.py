@@ -30,18 +30,20 @@ def cpu_cache_bytes(level: int) -> int | None:
 
 
 def default_block_rows(device: torch.device, queries: int, itemsize: int) -> int:
-    """Bank rows per product: the ``(rows, queries)`` output tile fills the threads' L2 caches.
+    """Bank rows per product: the ``(rows, queries)`` output tile is twice the threads' L2 caches.
 
-    Pass 1 reads each tile right after the product writes it (the group maxima), while it is in
-    the L2 caches of the cores that wrote it. Measured on ELPV (25k x 152 bank, 784 queries, one
+    Pass 1 reads each tile right after the product writes it (the group minima), while it is in
+    the caches of the cores that wrote it. Measured on ELPV (25k x 152 bank, 784 queries, one
     thread): 24.4-25.8 ms per image for 0.5-2 MB tiles, 28 / 40 / 62 ms for 4 / 8 / 16 MB; this
-    CPU has 1 MB of L2 per core. On CUDA, tiles of up to 2^26 values amortise kernel launches.
+    CPU has 1 MB of L2 per core. With two threads (ELPV fine bank 24,932 x 40, 1,568 queries,
+    same process) tiles of 2 x L2 per thread searched in 12.3 ms per image against 13.8 for 1 x.
+    On CUDA, tiles of up to 2^26 values amortise kernel launches.
     """
     if device.type == "cuda":
         rows = 2**26 // max(queries, 1)
     else:
         l2 = cpu_cache_bytes(2) or 2**20
-        rows = l2 * torch.get_num_threads() // (max(queries, 1) * itemsize)
+        rows = 2 * l2 * torch.get_num_threads() // (max(queries, 1) * itemsize)
     rows = max(256, min(rows, 2**20 if device.type == "cuda" else 16384))
     return rows
 
