@@ -38,7 +38,6 @@ from omegaconf import OmegaConf
 
 from defectlab.build import build, build_model
 from defectlab.models import PatchCore
-from defectlab.models.output import predict_in_slices
 from defectlab.models.two_scale import TwoScalePatchCore
 from defectlab.systems.bank_fitting import embedding_rows
 
@@ -163,14 +162,14 @@ def measure(overrides: list[str], max_test: int, batch: int) -> dict:
         def embed_many():
             return _cat([model.embed(part) for part in many.split(step or batch)])
 
-        predict_in_slices(model, many, step)
+        model.predict(many)  # as the system scores: backbone in slices, one search
         embn = embed_many()
         embedn_s, _ = _timed(embed_many, repeats=3)
         knnn_s, (patchn, _) = _timed(lambda: model.score_patches(embn), repeats=3)
         mapn_s, _ = _timed(lambda: model.anomaly_map(patchn, size), repeats=3)
         many_s = _interleaved(
             {
-                "predict": lambda: predict_in_slices(model, many, step),
+                "predict": lambda: model.predict(many),
                 "backbone": lambda: model.extractor(many),
                 "backbone_sliced": lambda: [model.extractor(p) for p in many.split(step or batch)],
             },

@@ -345,7 +345,6 @@ def test_native_embedder_rejects_bad_values(kwargs, key):
 
 
 def test_embed_batch_auto_is_the_cpu_default_and_bad_values_are_refused():
-    from defectlab.models.output import predict_in_slices
     from defectlab.models.patchcore import CPU_EMBED_BATCH
 
     ext = FeatureExtractor("resnet18", ["layer1"], pretrained=False)
@@ -368,7 +367,11 @@ def test_embed_batch_auto_is_the_cpu_default_and_bad_values_are_refused():
     bank = auto.embed(images[:3]).reshape(-1, auto.embedder.out_dim)
     auto.fit(bank)
     whole.fit(bank)
-    sliced = predict_in_slices(auto, images, auto.embed_batch)  # as the system scores
+    calls = []
+    forward = auto.extractor.forward
+    auto.extractor.forward = lambda x: calls.append(len(x)) or forward(x)
+    sliced = auto.predict(images)  # backbone in slices of 2, one search of all 5 images
+    assert calls == [2, 2, 1]
     full = whole.predict(images)
     assert torch.equal(sliced.score, full.score)
     assert torch.allclose(sliced.anomaly_map, full.anomaly_map, atol=1e-6)

@@ -27,7 +27,6 @@ from defectlab.data import scan_category, scan_labeled
 from defectlab.errors import ConfigError, DataError
 from defectlab.inference import Predictor, expand_input
 from defectlab.model_file import locate_model
-from defectlab.models.output import AnomalyOutput
 from defectlab.models.protocols import PatchEmbeddingModel
 from defectlab.results import write_json_atomic
 
@@ -109,14 +108,8 @@ def _maps_and_patches(
     model, images = predictor.system.model, images.to(predictor.device)
     if not isinstance(model, PatchEmbeddingModel):
         return predictor.system.predict_images(images).anomaly_map[:, 0].cpu(), None
-    # In slices of embed_batch images, as the system's own predictions are made.
-    outs: list[AnomalyOutput] = []
-    patches = []
-    for part in images.split(model.embed_batch or len(images)):
-        out, emb = model.predict_embedded(part)
-        outs.append(out)
-        patches.append(emb.cpu())
-    return torch.cat([o.anomaly_map for o in outs])[:, 0].cpu(), torch.cat(patches)
+    out, emb = model.predict_embedded(images)  # backbone in slices of embed_batch, as predict
+    return out.anomaly_map[:, 0].cpu(), emb.cpu()
 
 
 @torch.no_grad()

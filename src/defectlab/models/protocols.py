@@ -59,7 +59,8 @@ class MemoryBankModel(AnomalyModel, Protocol):
     ``bank_models()`` lists the :class:`BankModel` s whose banks are built from streamed
     embeddings (the model itself, or one per ensemble member); ``prepare(images)`` fits what must
     exist before that (e.g. an embedding projection) from ``prepare_images`` training images
-    (0 = nothing). ``embed_batch``: images per forward when scoring (None = the whole batch);
+    (0 = nothing). ``embed_batch``: images per backbone forward, in fitting and inside
+    ``predict`` (None = the whole batch; ``predict`` takes any batch and slices its forwards);
     ``localizes``: False for image-level models (flat maps: no pixel metrics).
     """
 

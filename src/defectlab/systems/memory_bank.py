@@ -9,7 +9,7 @@ import torch
 
 from defectlab.data.batch import Batch
 from defectlab.errors import ConfigError
-from defectlab.models.output import AnomalyOutput, predict_in_slices
+from defectlab.models.output import AnomalyOutput
 from defectlab.models.protocols import MemoryBankModel
 from defectlab.systems.bank_fitting import fit_memory_bank
 from defectlab.systems.base import HELDOUT, AnomalySystem
@@ -58,8 +58,9 @@ class MemoryBankSystem(AnomalySystem):
         )
 
     def predict_images(self, images: torch.Tensor) -> AnomalyOutput:
-        """``model.predict`` in slices of ``model.embed_batch`` images (bounds activation memory)."""
-        return predict_in_slices(self.model, images, self.model.embed_batch)
+        """``model.predict``: each model runs its backbone in slices of ``embed_batch`` images
+        (bounded activation memory) and searches the whole batch at once."""
+        return self.model.predict(images)
 
     @property
     def localizes(self) -> bool:
