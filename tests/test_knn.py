@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from defectlab.components import NearestNeighbors
+from defectlab.components import NearestNeighbors, exact_search
 from defectlab.components.exact_search import ExactSearch
 from defectlab.components.knn import traceable_search
 from defectlab.components.products import default_block_rows, low_precision_is_faster
@@ -15,6 +15,15 @@ from defectlab.components.rounding import low_precision_bound
 from defectlab.errors import ConfigError
 
 PRECISIONS = ["float32", "bfloat16"]
+# Both candidate tests of ExactSearch._candidates: all group minima at once, or descending
+# blocks -> super groups -> groups (banks above exact_search.DIRECT_GROUPS minima per chunk).
+CANDIDATE_TESTS = {"direct": 2**62, "descend": 0}
+
+
+@pytest.fixture(params=sorted(CANDIDATE_TESTS))
+def candidate_test(request, monkeypatch):
+    monkeypatch.setattr(exact_search, "DIRECT_GROUPS", CANDIDATE_TESTS[request.param])
+    return request.param
 
 
 def brute_force(queries: torch.Tensor, bank: torch.Tensor, k: int):
@@ -42,7 +51,7 @@ def assert_exact(search, queries, bank, k):
 @pytest.mark.parametrize(
     ("rows", "dim", "block"), [(1001, 152, 64), (777, 24, 300), (333, 1024, 200)]
 )
-def test_exact_search_equals_float64_brute_force(precision, k, rows, dim, block):
+def test_exact_search_equals_float64_brute_force(precision, k, rows, dim, block, candidate_test):
     # Bank sizes that are not multiples of the block, blocks of one to four super groups
     # (block_rows rounds down to GROUP_ROWS * SUPER_GROUPS = 64 rows), offset features (not
     # centred), and several query chunks.
@@ -55,7 +64,7 @@ def test_exact_search_equals_float64_brute_force(precision, k, rows, dim, block)
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("k", [1, 9])
-def test_near_ties_below_the_low_precision_error_and_duplicates(precision, k):
+def test_near_ties_below_the_low_precision_error_and_duplicates(precision, k, candidate_test):
     # Around each query, bank rows at radii 1, 1 + 1e-4, 1 + 2e-4, ... in random directions: far
     # closer to each other than bfloat16 can tell (relative 2^-8), yet ordered by float64. Rows
     # 0-39 repeat as rows 400-439: exact ties, which go to the lower index.
@@ -90,20 +99,26 @@ def problems(draw):
         bank = torch.cat([bank, bank[: draw(st.integers(0, rows))]])
     k = draw(st.integers(1, min(9, len(bank))))
     block = draw(st.integers(4, 256))  # 64-256 rows: one to four super groups per block
-    return bank, queries, k, block, draw(st.sampled_from(PRECISIONS))
+    test = draw(st.sampled_from(sorted(CANDIDATE_TESTS)))
+    return bank, queries, k, block, draw(st.sampled_from(PRECISIONS)), test
 
 
 @settings(max_examples=60, deadline=None)
 @given(problems())
 def test_exact_search_property(problem):
-    bank, queries, k, block, precision = problem
-    search = ExactSearch(bank, precision, block_rows=block, query_rows=5)
-    assert_exact(search.search, queries, bank, k)
+    bank, queries, k, block, precision, test = problem
+    saved = exact_search.DIRECT_GROUPS
+    exact_search.DIRECT_GROUPS = CANDIDATE_TESTS[test]
+    try:
+        search = ExactSearch(bank, precision, block_rows=block, query_rows=5)
+        assert_exact(search.search, queries, bank, k)
+    finally:
+        exact_search.DIRECT_GROUPS = saved
 
 
 @pytest.mark.parametrize("precision", ["bfloat16", "float16"])
 @pytest.mark.parametrize("k", [1, 3])
-def test_minima_of_half_float_bits_with_distances_rounded_below_zero(precision, k):
+def test_minima_of_half_float_bits_with_distances_rounded_below_zero(precision, k, candidate_test):
     # Pass 1 takes group minima of the half-precision products' bits as int16 (exact_search._keys):
     # that orders non-negative distances as floats do but puts every negative one, a distance of
     # ~0 rounded below it, below them all in reverse order. Queries that are bank rows far from
@@ -116,6 +131,27 @@ def test_minima_of_half_float_bits_with_distances_rounded_below_zero(precision, 
     values = (search._low_bank @ xq.T).float()
     assert (values < 0).any() and (values > 0).any()  # the case the keys must handle
     assert_exact(search.search, queries, bank, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_key_limits_select_exactly_the_values_within_a_bound(dtype):
+    # The direct candidate test compares kept keys (half floats' bits as int16) with
+    # _value_limit(bound): for every non-NaN half float (all 65,536 bit patterns) and bounds >= 0
+    # (between and on representable values, 0, inf), key <= limit must hold exactly where the
+    # value is <= the bound, negative values included.
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    values = bits.view(dtype)
+    finite = ~values.isnan()
+    bits, values = bits[finite], values[finite].double()
+    g = torch.Generator().manual_seed(0)
+    steps = torch.rand(200, generator=g, dtype=torch.float64) * 60 - 30
+    positive = values[values > 0]
+    bounds = torch.cat(
+        [2.0**steps, positive[:: max(1, len(positive) // 200)], torch.tensor([0.0, math.inf])]
+    )
+    limit = exact_search._value_limit(bounds, dtype)
+    assert limit.dtype == torch.int16
+    assert torch.equal(bits[None] <= limit[:, None], values[None] <= bounds[:, None])
 
 
 @pytest.mark.parametrize("precision", ["bfloat16", "float16"])

@@ -52,6 +52,10 @@ GROUP_STATS_BYTES = 32 * 2**20
 RANK_BYTES = 8 * 2**20
 # Half-precision tiles whose minima are taken on their bits as int16 (see _keys).
 HALF_FLOATS = (torch.bfloat16, torch.float16)
+# Group minima per query chunk up to which the candidate test compares all of them at once
+# instead of descending blocks -> super groups -> groups (each a gather): fewer, larger
+# operations for small banks and few queries (see _candidates).
+DIRECT_GROUPS = 2**21
 
 
 class ExactSearch:
@@ -174,6 +178,7 @@ class ExactSearch:
         block = self.block_rows or default_block_rows(self.bank.device, n, dtype.itemsize)
         unit = GROUP_ROWS * SUPER_GROUPS
         block = max(unit, block - block % unit)
+        block = min(block, math.ceil(rows / unit) * unit)  # no tile beyond the bank
         blocks = math.ceil(rows / block)
         groups = block // GROUP_ROWS
         device = self.bank.device
@@ -291,6 +296,12 @@ class ExactSearch:
         need = lower[None] - p.error  # (blocks, n)
         need = need - 1e-9 * need.abs() - 1e-30
         threshold = torch.where(need >= 0, need / (1 + u), need / (1 - u))
+        if p.minima.numel() <= DIRECT_GROUPS:
+            # Few group minima: all compared with their block's threshold at once, in the kept
+            # values' own format (no float64 copy of them, no gathers).
+            limit = _value_limit(-threshold, p.dtype)  # (blocks, n)
+            b_idx, group, q_idx = (p.minima <= limit[:, None]).nonzero(as_tuple=True)
+            return q_idx, (b_idx * p.minima.shape[1] + group) * GROUP_ROWS
         b_idx, q_idx = (top64[:, 0] >= threshold).nonzero(as_tuple=True)
         threshold = threshold[b_idx, q_idx]
         # passing blocks -> their passing super groups (block * supers + s) -> their passing
@@ -311,8 +322,8 @@ class ExactSearch:
         d32 = self._group_distances(queries, query, start)  # (groups, GROUP_ROWS)
         rows = (start[:, None] + torch.arange(GROUP_ROWS, device=start.device)).flatten()
         query, d32 = query.repeat_interleave(GROUP_ROWS), d32.flatten()
-        valid = rows < len(self.bank)  # the last group may be short
-        query, rows, d32 = query[valid], rows[valid], d32[valid]
+        # the last group may be short: its missing rows never pass the band below
+        d32 = d32.masked_fill(rows >= len(self.bank), math.inf)
         rho = 2 * gamma(dim + 3)
         if k == 1:
             kth = torch.full((n,), math.inf, device=d32.device).scatter_reduce(
@@ -406,6 +417,20 @@ def _keys(y: torch.Tensor) -> torch.Tensor:
     0), so no group is wrongly ruled out, and each kept key is still some row's value.
     """
     return y.view(torch.int16) if y.dtype in HALF_FLOATS else y
+
+
+def _value_limit(bound: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The largest ``dtype`` value ``<= bound`` (float64), as :func:`_keys` keeps it.
+
+    So ``keys <= limit`` holds exactly where the kept value is at most ``bound``. For half
+    floats the bound is at least 0 (the threshold on a score is at most 0, see _candidates); a
+    negative kept value (key below 0) then always passes, as it does as a float.
+    """
+    if dtype in HALF_FLOATS:
+        bound = bound.clamp_min(0)
+    value = bound.to(dtype)
+    below = torch.nextafter(value, value.new_tensor(-math.inf))
+    return _keys(torch.where(value.double() > bound, below, value))
 
 
 def _group_minima(y: torch.Tensor, out: torch.Tensor) -> None:
