@@ -16,13 +16,13 @@ from defectlab.errors import ConfigError
 
 PRECISIONS = ["float32", "bfloat16"]
 # Both candidate tests of ExactSearch._candidates: all group minima at once, or descending
-# blocks -> super groups -> groups (banks above exact_search.DIRECT_GROUPS minima per chunk).
+# blocks -> super groups (banks above exact_search.DIRECT_SUPERS super minima per chunk).
 CANDIDATE_TESTS = {"direct": 2**62, "descend": 0}
 
 
 @pytest.fixture(params=sorted(CANDIDATE_TESTS))
 def candidate_test(request, monkeypatch):
-    monkeypatch.setattr(exact_search, "DIRECT_GROUPS", CANDIDATE_TESTS[request.param])
+    monkeypatch.setattr(exact_search, "DIRECT_SUPERS", CANDIDATE_TESTS[request.param])
     return request.param
 
 
@@ -107,13 +107,13 @@ def problems(draw):
 @given(problems())
 def test_exact_search_property(problem):
     bank, queries, k, block, precision, test = problem
-    saved = exact_search.DIRECT_GROUPS
-    exact_search.DIRECT_GROUPS = CANDIDATE_TESTS[test]
+    saved = exact_search.DIRECT_SUPERS
+    exact_search.DIRECT_SUPERS = CANDIDATE_TESTS[test]
     try:
         search = ExactSearch(bank, precision, block_rows=block, query_rows=5)
         assert_exact(search.search, queries, bank, k)
     finally:
-        exact_search.DIRECT_GROUPS = saved
+        exact_search.DIRECT_SUPERS = saved
 
 
 @pytest.mark.parametrize("precision", ["bfloat16", "float16"])

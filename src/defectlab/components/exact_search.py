@@ -52,10 +52,9 @@ GROUP_STATS_BYTES = 32 * 2**20
 RANK_BYTES = 8 * 2**20
 # Half-precision tiles whose minima are taken on their bits as int16 (see _keys).
 HALF_FLOATS = (torch.bfloat16, torch.float16)
-# Group minima per query chunk up to which the candidate test compares all of them at once
-# instead of descending blocks -> super groups -> groups (each a gather): fewer, larger
-# operations for small banks and few queries (see _candidates).
-DIRECT_GROUPS = 2**21
+# Super-group minima per query chunk up to which the candidate test compares all of them at once
+# instead of going through the blocks that pass (a gather): for small banks and few queries.
+DIRECT_SUPERS = 2**19
 
 
 class ExactSearch:
@@ -296,17 +295,18 @@ class ExactSearch:
         need = lower[None] - p.error  # (blocks, n)
         need = need - 1e-9 * need.abs() - 1e-30
         threshold = torch.where(need >= 0, need / (1 + u), need / (1 - u))
-        if p.minima.numel() <= DIRECT_GROUPS:
-            # Few group minima: all compared with their block's threshold at once, in the kept
-            # values' own format (no float64 copy of them, no gathers).
+        # passing super groups (block * supers + s) -> their passing groups (block * groups + g,
+        # the bank's group number: its first row is GROUP_ROWS x it)
+        if p.supers.numel() <= DIRECT_SUPERS:
+            # Few super minima: all compared with their block's threshold at once, in the kept
+            # values' own format (no float64 copy, no gathers).
             limit = _value_limit(-threshold, p.dtype)  # (blocks, n)
-            b_idx, group, q_idx = (p.minima <= limit[:, None]).nonzero(as_tuple=True)
-            return q_idx, (b_idx * p.minima.shape[1] + group) * GROUP_ROWS
-        b_idx, q_idx = (top64[:, 0] >= threshold).nonzero(as_tuple=True)
-        threshold = threshold[b_idx, q_idx]
-        # passing blocks -> their passing super groups (block * supers + s) -> their passing
-        # groups (block * groups + g, the bank's group number: its first row is GROUP_ROWS x it)
-        cell, q_idx, threshold = _passing(p.supers, b_idx, q_idx, threshold, p.scores)
+            b_idx, s_idx, q_idx = (p.supers <= limit[:, None]).nonzero(as_tuple=True)
+            cell, threshold = b_idx * p.supers.shape[1] + s_idx, threshold[b_idx, q_idx]
+        else:  # through the blocks that pass
+            b_idx, q_idx = (top64[:, 0] >= threshold).nonzero(as_tuple=True)
+            threshold = threshold[b_idx, q_idx]
+            cell, q_idx, threshold = _passing(p.supers, b_idx, q_idx, threshold, p.scores)
         groups = p.minima.view(-1, SUPER_GROUPS, n)  # (blocks * supers, SUPER_GROUPS, n)
         group, q_idx, _ = _passing(groups, cell, q_idx, threshold, p.scores)
         return q_idx, group * GROUP_ROWS
