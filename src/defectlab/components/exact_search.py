@@ -50,8 +50,10 @@ SUPER_GROUPS = 16
 GROUP_STATS_BYTES = 32 * 2**20
 # Bytes of candidate bank rows gathered at once to measure their distances.
 RANK_BYTES = 8 * 2**20
-# Half-precision tiles whose minima are taken on their bits as int16 (see _keys).
+# Half-precision tiles whose minima are taken on their bits as int16 (see _keys), and the key of
+# +inf in each (its bits as int16).
 HALF_FLOATS = (torch.bfloat16, torch.float16)
+INF_KEY = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
 # Super-group minima per query chunk up to which the candidate test compares all of them at once
 # instead of going through the blocks that pass (a gather): for small banks and few queries.
 DIRECT_SUPERS = 2**19
@@ -184,8 +186,8 @@ class ExactSearch:
         key = torch.int16 if dtype in HALF_FLOATS else dtype
         minima = torch.empty(blocks, groups, n, dtype=key, device=device)
         # padding groups: +inf, never a candidate
-        minima[-1, math.ceil((rows - (blocks - 1) * block) / GROUP_ROWS) :] = _keys(
-            torch.tensor(math.inf, dtype=dtype, device=device)
+        minima[-1, math.ceil((rows - (blocks - 1) * block) / GROUP_ROWS) :] = INF_KEY.get(
+            dtype, math.inf
         )
         supers = torch.empty(blocks, groups // SUPER_GROUPS, n, dtype=key, device=device)
         # One output tile, reused: a fresh megabyte-sized tensor per product is a fresh mapping
@@ -429,7 +431,7 @@ def _value_limit(bound: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype in HALF_FLOATS:
         bound = bound.clamp_min(0)
     value = bound.to(dtype)
-    below = torch.nextafter(value, value.new_tensor(-math.inf))
+    below = torch.nextafter(value, torch.full((), -math.inf, dtype=dtype, device=value.device))
     return _keys(torch.where(value.double() > bound, below, value))
 
 

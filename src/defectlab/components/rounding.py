@@ -48,13 +48,16 @@ def low_precision_bound(
     u = UNIT[dtype] + 2 * U32
     eta = TINY[dtype]
     root = math.sqrt(dim)
-    product = (2 * u + u * u) * x_norm * w_norm
-    product = product + eta * (1 + u) * root * (x_norm + w_norm) + dim * eta * eta
-    squares = (x_norm.square() + w_norm.square()) / 2
-    total = ((1 + u) * x_norm + eta * root) * ((1 + u) * w_norm + eta * root)
-    total = total + (1 + 2 * u) * squares
-    bias = (2 * u * u + gamma(dim + 2)) * squares
-    return product + bias + gamma(dim + 4) * total + (dim + 4) * 2.0**-126
+    g2, g4 = gamma(dim + 2), gamma(dim + 4)
+    # product + bias + g4 total + flushed, expanded into a x w + b (x + w) + c (x^2 + w^2) + d
+    # (all terms >= 0): a dozen tensor operations instead of thirty, for every search call.
+    a = (2 * u + u * u) + g4 * (1 + u) ** 2
+    b = eta * (1 + u) * root * (1 + g4)
+    c = ((2 * u * u + g2) + g4 * (1 + 2 * u)) / 2
+    d = dim * eta * eta * (1 + g4) + (dim + 4) * 2.0**-126
+    x_part = x_norm * (b + c * x_norm)
+    w_part = w_norm * (b + c * w_norm) + d
+    return (x_norm * w_norm) * a + x_part + w_part
 
 
 def fp32_bound(q_norm: torch.Tensor, b_norm: torch.Tensor, dim: int) -> torch.Tensor:
