@@ -441,8 +441,8 @@ def _group_minima(y: torch.Tensor, out: torch.Tensor) -> None:
     Elementwise minima of strided row views. Measured on bfloat16 maxima, before the int16
     keys: 2.2x faster than ``amax`` over a ``(-1, 4, n)`` view for the 2 MB product tiles here
     (5.1 against 11.3 ms added to the products of 24,932 rows, 2 threads, loaded machine). On
-    int16 keys a micro-benchmark of one 832 x 2509 tile did not tell them apart (65-96 against
-    55-59 us, two rounds on a noisy machine).
+    int16 keys, the whole search of 32 ELPV images on the 24,932 x 40 bank, same process: 10.0 /
+    10.3 ms per image with these views against 10.9 / 10.5 with ``amin`` over the view.
     """
     torch.minimum(y[0::GROUP_ROWS], y[1::GROUP_ROWS], out=out)
     for j in range(2, GROUP_ROWS):
