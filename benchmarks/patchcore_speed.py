@@ -79,13 +79,6 @@ def compose_config(overrides: list[str], out_dir: Path):
         return compose("train", overrides=[f"paths.output_dir={out_dir}", *overrides])
 
 
-def _cat(parts: list):
-    """Concatenate per-slice patch features: tensors, or (fine, coarse) pairs of two banks."""
-    if isinstance(parts[0], tuple):
-        return tuple(torch.cat(z) for z in zip(*parts, strict=True))
-    return torch.cat(parts)
-
-
 def first_test_images(datamodule, count: int) -> torch.Tensor:
     """The first ``count`` test images, pre-processed, ``(count, 3, H, W)``."""
     datamodule.setup("test")
@@ -159,8 +152,8 @@ def measure(overrides: list[str], max_test: int, batch: int) -> dict:
         many = images[:batch]
         step = model.embed_batch  # as in training/testing: slices of embed_batch images
 
-        def embed_many():
-            return _cat([model.embed(part) for part in many.split(step or batch)])
+        def embed_many():  # as predict embeds: backbone in slices of embed_batch, concatenated
+            return model.embed_in_slices(many)
 
         model.predict(many)  # as the system scores: backbone in slices, one search
         embn = embed_many()
