@@ -102,6 +102,17 @@ def test_feature_noise_perturbs_only_inside_the_mask():
         FeatureNoise(std=0)
 
 
+def test_feature_noise_on_the_whole_map_and_area_bounds():
+    features = [torch.zeros(3, 4, 8, 8)]
+    noise = FeatureNoise(probability=1.0, std=1.0, min_area=1.0, max_area=1.0, seed=0)
+    noisy, masks = noise(features)
+    assert bool((masks == 1).all()) and bool((noisy[0] != 0).all())  # SimpleNet: every patch
+    with pytest.raises(ConfigError, match="max <= 1"):
+        FeatureNoise(min_area=0.5, max_area=1.5)
+    with pytest.raises(ConfigError, match="max < 1"):  # image-space regions stay below the image
+        SyntheticAnomalies(min_area=0.5, max_area=1.0)
+
+
 def test_pixel_statistics_z_scores_per_position_and_resize_on_load():
     torch.manual_seed(0)
     maps = torch.rand(50, 1, 8, 6) * torch.linspace(1, 3, 6) + torch.arange(8.0).view(8, 1)

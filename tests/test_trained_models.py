@@ -17,6 +17,7 @@ from defectlab.components import (
 )
 from defectlab.errors import ConfigError
 from defectlab.models import ConvAutoencoder, UNet
+from defectlab.models.unet import truncated_l1
 
 
 @pytest.mark.parametrize("kind", ["cutpaste", "blob", "scratch"])
@@ -232,7 +233,7 @@ B24, B124 = ("blocks.2", "blocks.4"), ("blocks.1", "blocks.2", "blocks.4")
     [
         (False, B24, [(8, 6), (4, 3)]),
         (True, B24, [(8, 6), (4, 3)]),
-        (False, B124, [(16, 12), (8, 6), (4, 3)]),  # experiment=unet_fast: stride-4 skip too
+        (False, B124, [(16, 12), (8, 6), (4, 3)]),  # experiment=unet_conv_fast: stride-4 skip
     ],
 )
 def test_pretrained_unet_shapes_and_frozen_encoder(finetune, layers, grids):
@@ -279,20 +280,81 @@ def test_unet_feature_noise_targets_only_clean_images():
         UNet(feature_noise=noise)
 
 
-def test_pretrained_unet_learns_feature_noise_and_finds_an_unseen_defect():
+def test_truncated_l1_weighs_both_classes_and_stops_at_the_margin():
+    logits = torch.tensor([-0.5, -2.0, 0.0, 1.0]).view(1, 1, 2, 2)
+    target = torch.tensor([0.0, 0.0, 1.0, 1.0]).view(1, 1, 2, 2)
+    # normal cells at or past -0.5 cost nothing; defect cells: (0.5 + 0) / 2
+    assert float(truncated_l1(logits, target)) == pytest.approx(0.25)
+    # no defect cell: the normal mean only, (0 + 0 + 0.5 + 1.5) / 4
+    assert float(truncated_l1(logits, torch.zeros_like(target))) == pytest.approx(0.5)
+
+
+def test_patch_decoder_shapes_targets_and_settings(monkeypatch):
+    torch.manual_seed(0)
+    noise = FeatureNoise(probability=1.0, std=1.0, min_area=0.2, max_area=0.3)
+    model = UNet(extractor=_lite0(), decoder="patch", decoder_channels=8, feature_noise=noise)
+    images = torch.rand(2, 3, 64, 48)
+    skips = model.encode(images)
+    # blocks.2 (40 channels, stride 8) and blocks.4 (112, stride 16) on blocks.2's grid
+    assert len(skips) == 1 and skips[0].shape == (2, 152, 8, 6)
+    assert model(images).shape == (2, 1, 64, 48)
+    masks = torch.zeros(2, 1, 64, 48)
+    masks[0, :, :4, :4] = 1  # part of the first 8 x 8 patch
+    seen = []
+    monkeypatch.setattr(
+        "defectlab.models.unet.truncated_l1",
+        lambda logits, target: seen.append((logits, target)) or logits.mean(),
+    )
+    model.eval()
+    model.loss(images, masks)  # eval without a generator: the clean copy only
+    clean = torch.zeros(2, 1, 8, 6)
+    clean[0, 0, 0, 0] = 1  # a patch is a defect where any of its pixels is
+    assert seen[0][0].shape == (2, 1, 8, 6) and torch.equal(seen[0][1], clean)
+    model.loss(images, masks, generator=torch.Generator().manual_seed(0))
+    logits, target = seen[1]
+    assert logits.shape == (4, 1, 8, 6)  # every image clean and noisy in one step
+    assert torch.equal(target[:2], clean)
+    assert torch.equal(torch.maximum(target[2:], clean), target[2:])
+    assert 0.15 < target[3].mean() < 0.35
+    model.train()
+    seen.clear()
+    model.loss(images, masks).backward()
+    assert model.adaptor.weight.grad is not None and model.head[0].weight.grad is not None
+    assert all(p.grad is None for p in model.extractor.parameters())
+    model.eval()
+    out = model.predict(images)
+    assert out.anomaly_map.shape == (2, 1, 64, 48) and out.score.shape == (2,)
+    with pytest.raises(ConfigError, match="model.decoder=patch"):
+        UNet(decoder="patch")
+    with pytest.raises(ConfigError, match="model.decoder=mlp"):
+        UNet(extractor=_lite0(), decoder="mlp")
+
+
+@pytest.mark.parametrize("decoder", ["unet", "patch"])
+def test_pretrained_unet_learns_feature_noise_and_finds_an_unseen_defect(decoder):
     """Frozen ImageNet lite0 + decoder, trained only on feature noise over smooth good images,
     flags dark spots it never saw (a stand-in for real defects) above the good images.
 
-    Over seeds 0-11 the margin (worst defect score minus best good score) was 0.060-0.243 (seed 0:
-    0.206), so the strict ordering asserted here does not sit on its bar; one seed keeps CI short
-    (about 12 s on 1 core).
+    Over seeds 0-11 the margin (worst defect score minus best good score) was 0.060-0.243 for the
+    ``unet`` decoder on Perlin-region noise (seed 0: 0.206) and 0.027-0.554 for ``patch`` on
+    noise over the whole map, as experiment=unet_fast trains it (seed 0: 0.424; on the Perlin
+    regions it was negative for 4 of the 12 seeds), so the strict ordering asserted here does not
+    sit on its bar; one seed keeps CI short (about 12 s on 1 core).
     """
     seed = 0
     torch.manual_seed(seed)
     base = torch.rand(1, 1, 4, 4).repeat(12, 3, 1, 1) * 0.3 + 0.4
     good = F.interpolate(base, size=(64, 64), mode="bilinear") + 0.02 * torch.randn(12, 3, 64, 64)
-    noise = FeatureNoise(probability=0.5, std=1.0, min_area=0.05, max_area=0.2, seed=seed)
-    model = UNet(extractor=_lite0(pretrained=True), decoder_channels=16, feature_noise=noise)
+    if decoder == "patch":
+        noise = FeatureNoise(probability=1.0, std=0.5, min_area=1.0, max_area=1.0, seed=seed)
+    else:
+        noise = FeatureNoise(probability=0.5, std=1.0, min_area=0.05, max_area=0.2, seed=seed)
+    model = UNet(
+        extractor=_lite0(pretrained=True),
+        decoder=decoder,
+        decoder_channels=16,
+        feature_noise=noise,
+    )
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     model.train()
     for _ in range(60):

@@ -28,7 +28,8 @@ class FeatureNoise(nn.Module):
         probability: share of images that get noisy features.
         std: noise standard deviation, in units of the (standardised) feature channels.
         min_area: smallest noisy area as a fraction of the map.
-        max_area: largest noisy area as a fraction of the map.
+        max_area: largest noisy area as a fraction of the map; ``min_area = max_area = 1``
+            noises every position (SimpleNet's noisy copies, ``decoder=patch``).
         max_cells: finest Perlin lattice (cells per side) of the mask.
         seed: seeds the generator used during training (validation passes its own fixed ones).
     """
@@ -43,7 +44,7 @@ class FeatureNoise(nn.Module):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        check_region_draws("feature_noise", probability, min_area, max_area)
+        check_region_draws("feature_noise", probability, min_area, max_area, whole=True)
         if std <= 0:
             raise ConfigError(f"feature_noise.std must be > 0, got {std}")
         self.probability = probability
@@ -66,6 +67,9 @@ class FeatureNoise(nn.Module):
             if float(torch.rand((), generator=generator)) >= self.probability:
                 continue
             area = uniform(generator, self.min_area, self.max_area)
+            if area >= 1:  # the whole map (SimpleNet: every patch of the noisy copy)
+                masks[i] = 1
+                continue
             masks[i] = perlin_mask(h0, w0, area, generator, max_cells=self.max_cells)
         masks = masks.to(features[0].device)
         noisy = []

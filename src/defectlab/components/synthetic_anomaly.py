@@ -62,13 +62,17 @@ def uniform(g: torch.Generator, low: float, high: float) -> float:
     return low + (high - low) * float(torch.rand((), generator=g))
 
 
-def check_region_draws(key: str, probability: float, min_area: float, max_area: float) -> None:
-    """ConfigError naming ``<key>.*`` unless probability is in (0, 1] and 0 < min <= max < 1."""
+def check_region_draws(
+    key: str, probability: float, min_area: float, max_area: float, whole: bool = False
+) -> None:
+    """ConfigError naming ``<key>.*`` unless probability is in (0, 1] and 0 < min <= max < 1
+    (``<= 1`` with ``whole``: a region may cover the whole map)."""
     if not 0 < probability <= 1:
         raise ConfigError(f"{key}.probability must be in (0, 1], got {probability}")
-    if not 0 < min_area <= max_area < 1:
+    if not (0 < min_area <= max_area <= 1 if whole else 0 < min_area <= max_area < 1):
+        bound = "<= 1" if whole else "< 1"
         raise ConfigError(
-            f"{key}.min_area={min_area}, max_area={max_area}: need 0 < min <= max < 1"
+            f"{key}.min_area={min_area}, max_area={max_area}: need 0 < min <= max {bound}"
         )
 
 

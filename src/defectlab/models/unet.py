@@ -1,9 +1,18 @@
 """U-Net defect segmenter (Ronneberger et al., MICCAI 2015), trained on pixel masks.
 
 Two encoders: a from-scratch convolutional one, or a pretrained timm backbone
-(:class:`FeatureExtractor`, ImageNet weights), frozen or fine-tuned, whose stages feed a light
-decoder through skip connections. Optionally, anomalies are also synthesised in feature space
-(:class:`FeatureNoise`, SuperSimpleNet).
+(:class:`FeatureExtractor`, ImageNet weights), frozen or fine-tuned. Two decoders on the
+pretrained encoder (``decoder``):
+
+- ``unet``: the stages feed a light convolutional decoder through skip connections;
+- ``patch``: every stage, average-pooled over 3 x 3 and resized to the finest one, is concatenated
+  into one patch vector (PatchCore's :class:`NativeEmbedder`), adapted by a 1 x 1 layer and
+  classified patch by patch (the segmentation head of SimpleNet, Liu et al. CVPR 2023, and
+  SuperSimpleNet, Rolih et al. ICPR 2024), trained with a truncated L1 loss on clean and noisy
+  copies of each feature map.
+
+Optionally, anomalies are also synthesised in feature space (:class:`FeatureNoise`); the patch
+decoder learns from them alone in ``experiment=unet_fast``.
 """
 
 from __future__ import annotations
@@ -19,11 +28,17 @@ from defectlab.components import (
     FeatureExtractor,
     FeatureNoise,
     MapScore,
+    NativeEmbedder,
     PixelStatistics,
 )
 from defectlab.components.shapes import check_divisible
 from defectlab.errors import ConfigError
 from defectlab.models.output import AnomalyOutput
+
+DECODERS = ("unet", "patch")
+# Margin of the truncated L1 loss of the patch decoder (SimpleNet's th = 0.5): a patch's logit
+# stops being pushed once it is 0.5 on the right side of 0.
+MARGIN = 0.5
 
 
 def _double_conv(cin: int, cout: int) -> nn.Sequential:
@@ -52,10 +67,14 @@ class UNet(nn.Module):
             the from-scratch encoder.
         finetune: train the extractor's weights too (its BatchNorm statistics stay frozen);
             False = frozen, its features are computed without gradients.
-        decoder_channels: width of every decoder stage on top of an extractor.
+        decoder_channels: width of every decoder stage on top of an extractor (``unet``), or of
+            the patch head's hidden layer (``patch``).
+        decoder: ``unet`` (convolutional decoder with skip connections) or ``patch`` (per-patch
+            head on the concatenated, 3 x 3 pooled stages; needs ``extractor``).
+        patch_size: neighbourhood of the ``patch`` decoder's average pooling.
         feature_noise: anomalies synthesised on the (standardised) extractor features during
             training, beside the image-space ones; None = off.
-        dice_weight: weight of the Dice term beside the BCE term.
+        dice_weight: weight of the Dice term beside the BCE term (``unet``).
         max_pos_weight: cap of the BCE weight of defect pixels (``#good / #defect`` per batch):
             defects cover a few percent of the pixels, unweighted BCE would learn "never".
         score: ``max`` or ``topk_mean`` reduction of the map into the image score.
@@ -77,6 +96,8 @@ class UNet(nn.Module):
         extractor: FeatureExtractor | None = None,
         finetune: bool = False,
         decoder_channels: int = 64,
+        decoder: str = "unet",
+        patch_size: int = 3,
         feature_noise: FeatureNoise | None = None,
         dice_weight: float = 1.0,
         max_pos_weight: float = 50.0,
@@ -100,6 +121,13 @@ class UNet(nn.Module):
                 "choose backbone=efficientnet_lite0|efficientnet_lite1|mobilenet_v2|... "
                 "(not backbone=ensemble), or model.extractor=null to train from scratch"
             )
+        if decoder not in DECODERS:
+            raise ConfigError(f"model.decoder={decoder}: choose one of {DECODERS}")
+        if decoder == "patch" and extractor is None:
+            raise ConfigError(
+                "model.decoder=patch classifies pretrained patch features: set model.extractor "
+                "(a backbone), or model.decoder=unet to train from scratch"
+            )
         if feature_noise is not None and extractor is None:
             raise ConfigError(
                 "model.feature_noise perturbs pretrained features: set model.extractor "
@@ -110,6 +138,7 @@ class UNet(nn.Module):
         self.max_pos_weight = max_pos_weight
         self.finetune = finetune
         self.feature_noise = feature_noise
+        self.decoder = decoder
         self.pretrained_encoder = extractor is not None
         if extractor is None:
             widths = [channels * 2**i for i in range(depth + 1)]
@@ -122,15 +151,34 @@ class UNet(nn.Module):
             if finetune:
                 extractor.fine_tune()  # its weights then travel in the model file
             skips = list(extractor.channels)
+            if decoder == "patch":
+                self.embedder = NativeEmbedder(skips, patch_size=patch_size)
+                skips = [self.embedder.out_dim]
             # Per-channel standardisation (running statistics): the noise std of feature_noise is
             # in these units, and the decoder sees inputs of one scale whatever the backbone.
             self.standardize = nn.ModuleList(nn.BatchNorm2d(c, affine=False) for c in skips)
             outs = [decoder_channels] * len(skips)
-            self.bottom = nn.Conv2d(skips[-1], outs[-1], 1)
-        self.up = nn.ModuleList(
-            _double_conv(outs[i + 1] + skips[i], outs[i]) for i in reversed(range(len(skips) - 1))
-        )
-        self.head = nn.Conv2d(outs[0], 1, 1)
+            if decoder == "unet":
+                self.bottom = nn.Conv2d(skips[-1], outs[-1], 1)
+        if decoder == "patch":
+            dim = skips[0]
+            # SimpleNet's feature adaptor, starting as the identity: noise is added after it.
+            self.adaptor = nn.Conv2d(dim, dim, 1)
+            with torch.no_grad():
+                self.adaptor.weight.copy_(torch.eye(dim).view(dim, dim, 1, 1))
+                self.adaptor.bias.zero_()
+            self.head = nn.Sequential(
+                nn.Conv2d(dim, decoder_channels, 1),
+                nn.BatchNorm2d(decoder_channels),
+                nn.LeakyReLU(0.2),
+                nn.Conv2d(decoder_channels, 1, 1),
+            )
+        else:
+            self.up = nn.ModuleList(
+                _double_conv(outs[i + 1] + skips[i], outs[i])
+                for i in reversed(range(len(skips) - 1))
+            )
+            self.head = nn.Conv2d(outs[0], 1, 1)
         self.anomaly_map = AnomalyMapGenerator(blur_sigma)
         self.map_score = MapScore(score, topk)
         self.flip_average = flip_average
@@ -154,7 +202,10 @@ class UNet(nn.Module):
         return self.extractor.input_multiple if self.pretrained_encoder else 2**self.depth
 
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Skip features, finest first, of images ``(B, 3, H, W)`` in [0, 1]."""
+        """Skip features, finest first, of images ``(B, 3, H, W)`` in [0, 1].
+
+        With the ``patch`` decoder: one map, the adapted patch vectors.
+        """
         if not self.pretrained_encoder:
             check_divisible(images, self.depth)
             skips, x = [], images
@@ -164,10 +215,16 @@ class UNet(nn.Module):
             return skips
         with torch.set_grad_enabled(self.finetune and torch.is_grad_enabled()):
             features = self.extractor(images)
+        if self.decoder == "patch":
+            return [self.adaptor(self.standardize[0](self.embedder(features)))]
         return [norm(f) for norm, f in zip(self.standardize, features, strict=True)]
 
     def decode(self, skips: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
         """Defect logits ``(B, 1, *size)`` from skip features, finest first."""
+        if self.decoder == "patch":
+            return F.interpolate(
+                self.head(skips[0]), size=size, mode="bilinear", align_corners=False
+            )
         x = skips[-1] if not self.pretrained_encoder else self.bottom(skips[-1])
         for block, skip in zip(self.up, reversed(skips[:-1]), strict=True):
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
@@ -195,6 +252,8 @@ class UNet(nn.Module):
         size = tuple(images.shape[-2:])
         skips = self.encode(images)
         target = masks.float()
+        if self.decoder == "patch":
+            return self._patch_loss(skips[0], target, generator)
         if self.feature_noise is not None and (self.training or generator is not None):
             # Only images without a defect get noisy features: one kind of defect per image, and
             # the share of clean images stays (1 - p_image) * (1 - p_feature).
@@ -205,6 +264,23 @@ class UNet(nn.Module):
             noisy = F.interpolate(noisy, size=size, mode="nearest") * keep
             target = torch.maximum(target, noisy)
         return self.segmentation_loss(self.decode(skips, size), target)
+
+    def _patch_loss(
+        self, x: torch.Tensor, masks: torch.Tensor, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """Truncated L1 of the patch head on the clean map and, with feature noise, a noisy copy.
+
+        A patch is a defect where any of its pixels is (image-space defects, real or synthetic)
+        or where the copy got noise. As SimpleNet, every image is seen clean and noisy in the same
+        step: the head compares the two, rather than a share of the images.
+        """
+        target = F.adaptive_max_pool2d(masks, x.shape[-2:])
+        feats, targets = [x], [target]
+        if self.feature_noise is not None and (self.training or generator is not None):
+            noisy, region = self.feature_noise([x], generator)
+            feats.append(noisy[0])
+            targets.append(torch.maximum(target, region))
+        return truncated_l1(self.head(torch.cat(feats)), torch.cat(targets))
 
     def segmentation_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Class-balanced BCE + soft Dice of logits against a mask, both ``(B, 1, H, W)``."""
@@ -225,7 +301,7 @@ class UNet(nn.Module):
         if not self.flip_average:
             return prob
         # The decoder's errors on good texture differ between flipped views, a defect stays where
-        # it is: ELPV poly 0.7667 -> 0.7992 with the unet_fast preset (docs/methods/unet.md).
+        # it is: ELPV poly 0.7667 -> 0.7992 with the conv decoder preset (docs/methods/unet.md).
         for dims in ((-1,), (-2,), (-2, -1)):
             prob = prob + torch.sigmoid(self(images.flip(dims))).flip(dims)
         return prob / 4
@@ -238,3 +314,12 @@ class UNet(nn.Module):
             prob = self.pixel_statistics(prob)  # unchanged until fitted, as the CAE's
         amap = self.anomaly_map(prob, tuple(images.shape[-2:]))
         return AnomalyOutput(score=self.map_score(amap), anomaly_map=amap)
+
+
+def truncated_l1(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """SimpleNet's loss: mean ``max(0, MARGIN + logit)`` over normal cells plus the mean of
+    ``max(0, MARGIN - logit)`` over defect cells (each class weighs the same; 0 if absent)."""
+    normal = 1 - target
+    return (F.relu(MARGIN + logits) * normal).sum() / normal.sum().clamp(min=1) + (
+        F.relu(MARGIN - logits) * target
+    ).sum() / target.sum().clamp(min=1)
