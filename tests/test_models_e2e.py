@@ -22,6 +22,16 @@ MODELS = {
     "feature_knn": ["model=feature_knn"],
     "cae": ["model=cae", "model.latent_dim=4", *TRAINED],
     "unet": ["model=unet", "model.decoder_channels=8", *TRAINED],
+    # experiment=unet_fast's decoder: per-patch head, noise on whole feature maps only
+    "unet_patch": [
+        "model=unet",
+        "model.decoder=patch",
+        "model.decoder_channels=8",
+        "model.feature_noise.min_area=1.0",
+        "model.feature_noise.max_area=1.0",
+        "system.anomalies=null",
+        *TRAINED,
+    ],
 }
 
 
@@ -30,8 +40,9 @@ def test_every_model_trains_tests_and_reproduces(model, make_cfg, synthetic_root
     run = tmp_path / "run"
     overrides = [*DATA, *MODELS[model], f"data.root={synthetic_root}", "data.category=brick"]
     results = run_training(make_cfg(*overrides, "eval.images.max_per_type=1", out=run))
+    name = model.removesuffix("_patch")
 
-    assert results["model"] == model
+    assert results["model"] == name
     metrics = results["metrics"]
     assert 0 <= metrics["image_auroc"] <= 1 and metrics["image_f1"] is not None
     localizes = model != "feature_knn"
@@ -41,13 +52,13 @@ def test_every_model_trains_tests_and_reproduces(model, make_cfg, synthetic_root
     assert results["counts"]["test"] == 8 + 3 * 4
     assert results["backbone"] == (None if model == "cae" else "efficientnet_lite0")
     assert (run / "checkpoints" / "model.safetensors").is_file()
-    if model == "unet":  # its frozen pretrained encoder is rebuilt from the config, not stored
+    if name == "unet":  # its frozen pretrained encoder is rebuilt from the config, not stored
         meta = read_metadata(run / "checkpoints" / "model.safetensors")
         assert [b["stored_in_file"] for b in meta["backbones"]] == [False]
     assert len(list((run / "images" / "brick" / "hole").glob("*.png"))) == 1
     assert json.loads((run / "results.json").read_text())["metrics"] == metrics
 
-    if model in ("cae", "unet"):
+    if name in ("cae", "unet"):
         training = results["training"]
         assert training["epochs"] == len(training["val_loss_history"]) == 2
         best = training["best_epoch"]
@@ -67,7 +78,7 @@ def test_every_model_trains_tests_and_reproduces(model, make_cfg, synthetic_root
             f"run_dir={run}", f"out_dir={tmp_path / 'onnx'}", "parity_images=4", config="export"
         )
     )
-    assert exported["model"] == model and exported["parity"]["images"] == 4
+    assert exported["model"] == name and exported["parity"]["images"] == 4
     assert exported["parity"]["verdicts_equal"]
 
 
@@ -114,13 +125,20 @@ def test_presets_and_vit_compose(make_cfg):
     # a step budget, as the U-Net's: 36-image textures train as long as ELPV mono
     assert (cae.trainer.min_steps, cae.trainer.max_steps) == (300, 600)
     unet = make_cfg("experiment=unet_fast", "data=synthetic", "data.category=grass")
-    assert unet.model_name == "unet" and unet.system.anomalies.kinds
+    assert unet.model_name == "unet" and unet.model.decoder == "patch"
     assert unet.data.root.endswith("synthetic")
-    assert unet.system.anomalies.exclude_textures == ["grass"]  # never the product's texture
-    assert (unet.trainer.min_steps, unet.trainer.max_steps) == (300, 600)
-    assert (unet.system.lr_schedule, cae.system.lr_schedule) == ("cosine", "constant")
-    assert list(unet.backbone.layers) == ["blocks.1", "blocks.2", "blocks.4"]  # stride-4 skip
-    assert unet.model.flip_average and unet.model.pixel_statistics.eps == 1.0
+    assert unet.system.anomalies is None  # the patch decoder learns from feature noise alone
+    noise = unet.model.feature_noise
+    assert (noise.probability, noise.min_area, noise.max_area) == (1.0, 1.0, 1.0)
+    assert (unet.trainer.min_steps, unet.trainer.max_steps) == (750, 1500)
+    assert list(unet.backbone.layers) == ["blocks.2", "blocks.4"]
+    conv = make_cfg("experiment=unet_conv_fast", "data=synthetic", "data.category=grass")
+    assert conv.model.decoder == "unet" and conv.system.anomalies.kinds
+    assert conv.system.anomalies.exclude_textures == ["grass"]  # never the product's texture
+    assert (conv.trainer.min_steps, conv.trainer.max_steps) == (300, 600)
+    assert (conv.system.lr_schedule, cae.system.lr_schedule) == ("cosine", "constant")
+    assert list(conv.backbone.layers) == ["blocks.1", "blocks.2", "blocks.4"]  # stride-4 skip
+    assert conv.model.flip_average and conv.model.pixel_statistics.eps == 1.0
     assert make_cfg().trainer.max_epochs == 1  # memory banks: one pass
     vit = make_cfg("backbone=vit_base_patch16_224", "model=feature_knn", "model.pooling=cls")
     assert vit.model.extractor.kwargs.dynamic_img_size is True
