@@ -129,7 +129,10 @@ def test_presets_and_vit_compose(make_cfg):
     assert unet.data.root.endswith("synthetic")
     assert unet.system.anomalies is None  # the patch decoder learns from feature noise alone
     noise = unet.model.feature_noise
-    assert (noise.probability, noise.min_area, noise.max_area) == (1.0, 1.0, 1.0)
+    assert (noise.probability, noise.std, noise.min_area, noise.max_area) == (1.0, 0.25, 1.0, 1.0)
+    assert (unet.model.decoder_channels, unet.model.score, unet.data.batch_size) == (256, "max", 8)
+    assert not unet.model.flip_average and unet.model.pixel_statistics is None
+    assert (unet.system.optimizer.lr, unet.system.lr_schedule) == (2e-4, "constant")
     assert (unet.trainer.min_steps, unet.trainer.max_steps) == (750, 1500)
     assert list(unet.backbone.layers) == ["blocks.2", "blocks.4"]
     conv = make_cfg("experiment=unet_conv_fast", "data=synthetic", "data.category=grass")

@@ -313,6 +313,7 @@ def test_patch_decoder_shapes_targets_and_settings(monkeypatch):
     model.loss(images, masks, generator=torch.Generator().manual_seed(0))
     logits, target = seen[1]
     assert logits.shape == (4, 1, 8, 6)  # every image clean and noisy in one step
+    assert not torch.equal(logits[:2], logits[2:])  # the second half saw noisy features
     assert torch.equal(target[:2], clean)
     assert torch.equal(torch.maximum(target[2:], clean), target[2:])
     assert 0.15 < target[3].mean() < 0.35
@@ -324,8 +325,18 @@ def test_patch_decoder_shapes_targets_and_settings(monkeypatch):
     model.eval()
     out = model.predict(images)
     assert out.anomaly_map.shape == (2, 1, 64, 48) and out.score.shape == (2,)
+    flips = UNet(extractor=_lite0(), decoder="patch", decoder_channels=8, flip_average=True)
+    flipped = flips.eval().predict(images).anomaly_map
+    assert flipped.shape == (2, 1, 64, 48) and 0 <= flipped.min() <= flipped.max() <= 1
+    # fine-tuned: the patch loss reaches the encoder through the embedding
+    tuned = UNet(extractor=_lite0(), decoder="patch", decoder_channels=8, finetune=True)
+    tuned.train()
+    tuned.loss(images, masks).backward()
+    assert any(p.grad is not None for p in tuned.extractor.parameters())
     with pytest.raises(ConfigError, match="model.decoder=patch"):
         UNet(decoder="patch")
+    with pytest.raises(ConfigError, match="model.patch_size"):
+        UNet(extractor=_lite0(), decoder="patch", patch_size=2)
     with pytest.raises(ConfigError, match="model.decoder=mlp"):
         UNet(extractor=_lite0(), decoder="mlp")
 

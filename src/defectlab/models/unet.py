@@ -56,7 +56,8 @@ class UNet(nn.Module):
     """Encoder-decoder with skip connections predicting a per-pixel defect probability.
 
     Supervised: ``loss(images, masks)`` needs masks (synthetic anomalies on good images, optionally
-    a few real labeled defects). Loss = class-balanced BCE + soft Dice. The anomaly map is the
+    a few real labeled defects). Loss = class-balanced BCE + soft Dice (``decoder=patch``:
+    SimpleNet's truncated L1 on patches, :func:`truncated_l1`). The anomaly map is the
     Gaussian-smoothed probability; the image score is its maximum (or ``topk_mean``).
 
     Args:
@@ -123,6 +124,8 @@ class UNet(nn.Module):
             )
         if decoder not in DECODERS:
             raise ConfigError(f"model.decoder={decoder}: choose one of {DECODERS}")
+        if decoder == "patch" and (patch_size < 1 or patch_size % 2 == 0):
+            raise ConfigError(f"model.patch_size must be odd and >= 1, got {patch_size}")
         if decoder == "patch" and extractor is None:
             raise ConfigError(
                 "model.decoder=patch classifies pretrained patch features: set model.extractor "
@@ -244,7 +247,8 @@ class UNet(nn.Module):
         masks: torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Class-balanced BCE + soft Dice of images ``(B, 3, H, W)`` against masks ``(B, 1, H, W)``.
+        """Class-balanced BCE + soft Dice of images ``(B, 3, H, W)`` against masks ``(B, 1, H, W)``
+        (``decoder=patch``: :meth:`_patch_loss`).
 
         With ``feature_noise``, noisy feature regions count as defects too: drawn from its own
         generator while training, from ``generator`` when one is given (a fixed held-out draw).
