@@ -34,9 +34,14 @@ class Embedder(Protocol):
     def __call__(self, features: Sequence[torch.Tensor]) -> torch.Tensor: ...
 
 
-def _check_common(patch_size: int, batch_chunk: int | None) -> None:
+def check_patch_size(patch_size: int, key: str = "embedding.patch_size") -> None:
+    """ConfigError naming ``key`` unless the pooling neighbourhood is odd and >= 1."""
     if patch_size < 1 or patch_size % 2 == 0:
-        raise ConfigError(f"embedding.patch_size must be odd and >= 1, got {patch_size}")
+        raise ConfigError(f"{key} must be odd and >= 1, got {patch_size}")
+
+
+def _check_common(patch_size: int, batch_chunk: int | None) -> None:
+    check_patch_size(patch_size)
     if batch_chunk is not None and batch_chunk < 1:
         raise ConfigError(f"model.embed_chunk must be >= 1 or null, got {batch_chunk}")
 

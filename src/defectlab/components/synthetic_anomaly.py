@@ -69,7 +69,8 @@ def check_region_draws(
     (``<= 1`` with ``whole``: a region may cover the whole map)."""
     if not 0 < probability <= 1:
         raise ConfigError(f"{key}.probability must be in (0, 1], got {probability}")
-    if not (0 < min_area <= max_area <= 1 if whole else 0 < min_area <= max_area < 1):
+    top_ok = max_area <= 1 if whole else max_area < 1
+    if not (0 < min_area <= max_area and top_ok):
         bound = "<= 1" if whole else "< 1"
         raise ConfigError(
             f"{key}.min_area={min_area}, max_area={max_area}: need 0 < min <= max {bound}"

@@ -31,6 +31,7 @@ from defectlab.components import (
     NativeEmbedder,
     PixelStatistics,
 )
+from defectlab.components.embedding import check_patch_size
 from defectlab.components.shapes import check_divisible
 from defectlab.errors import ConfigError
 from defectlab.models.output import AnomalyOutput
@@ -124,8 +125,8 @@ class UNet(nn.Module):
             )
         if decoder not in DECODERS:
             raise ConfigError(f"model.decoder={decoder}: choose one of {DECODERS}")
-        if decoder == "patch" and (patch_size < 1 or patch_size % 2 == 0):
-            raise ConfigError(f"model.patch_size must be odd and >= 1, got {patch_size}")
+        if decoder == "patch":
+            check_patch_size(patch_size, "model.patch_size")
         if decoder == "patch" and extractor is None:
             raise ConfigError(
                 "model.decoder=patch classifies pretrained patch features: set model.extractor "
@@ -160,8 +161,8 @@ class UNet(nn.Module):
             # Per-channel standardisation (running statistics): the noise std of feature_noise is
             # in these units, and the decoder sees inputs of one scale whatever the backbone.
             self.standardize = nn.ModuleList(nn.BatchNorm2d(c, affine=False) for c in skips)
-            outs = [decoder_channels] * len(skips)
             if decoder == "unet":
+                outs = [decoder_channels] * len(skips)
                 self.bottom = nn.Conv2d(skips[-1], outs[-1], 1)
         if decoder == "patch":
             dim = skips[0]
