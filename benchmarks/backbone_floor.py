@@ -22,7 +22,7 @@ from patchcore_speed import _timed, compose_config, set_clock
 from defectlab.build import build
 
 
-@torch.no_grad()
+@torch.inference_mode()  # as the system scores: Lightning's test loop, Inference.score
 def measure(overrides: list[str], batch: int, repeats: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose_config(overrides, Path(tmp))

@@ -90,7 +90,7 @@ def first_test_images(datamodule, count: int) -> torch.Tensor:
     return torch.cat(images)[:count]
 
 
-@torch.no_grad()
+@torch.inference_mode()  # as the system scores: Lightning's test loop, Inference.score
 def measure(overrides: list[str], max_test: int, batch: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose_config(overrides, Path(tmp))

@@ -62,11 +62,16 @@ class Predictor:
         """``(3, H, W)`` float image as the model saw its training data (raises DataError)."""
         return self.transform(image_tensor(load_image(path, limits or self.limits)))
 
-    @torch.no_grad()
     def score(self, images: torch.Tensor, paths: list[str]) -> dict[str, Any]:
-        """``predict_step`` outputs for a batch ``(B, 3, H, W)``, on the CPU."""
-        out = self.system.predict_step({"image": images.to(self.device), "path": paths}, 0)
-        return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+        """``predict_step`` outputs for a batch ``(B, 3, H, W)``, on the CPU (ordinary tensors)."""
+        # Inference mode, as Lightning's test loop: no autograd bookkeeping per operation (the
+        # default PatchCore's batch-1 predict 22.9 -> 21.9 ms, 1 % coreset, 2 threads). Its
+        # tensors are cloned out of it, so callers may change them in place.
+        with torch.inference_mode():
+            out = self.system.predict_step({"image": images.to(self.device), "path": paths}, 0)
+        return {
+            k: v.to("cpu", copy=True) if isinstance(v, torch.Tensor) else v for k, v in out.items()
+        }
 
 
 def expand_input(spec: str) -> list[Path]:
