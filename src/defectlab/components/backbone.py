@@ -9,7 +9,7 @@ import importlib
 import math
 import os
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +138,7 @@ class FirstBlocks(nn.Sequential):
         super().__init__(OrderedDict(blocks.named_children()))
         self.depth = depth
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[nn.Module]:
         return iter(list(self._modules.values())[: self.depth])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
