@@ -55,6 +55,7 @@ def test_blocks_after_the_deepest_layer_are_kept_but_never_run(arch):
         ours = ext(x)
         full = reference(((x - ext.mean) / ext.std).contiguous(memory_format=torch.channels_last))
     assert ran == [0, 1, 2, 3, 4] and len(ext.net.blocks._modules) == 7
+    assert len(ext.net.blocks[5:]) == 2 and ext.net.blocks[6] is ext.net.blocks._modules["6"]
     assert all(torch.equal(a, b) for a, b in zip(ours, full, strict=True))
 
 

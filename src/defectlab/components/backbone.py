@@ -141,6 +141,13 @@ class FirstBlocks(nn.Sequential):
     def __iter__(self) -> Iterator[nn.Module]:
         return iter(list(self._modules.values())[: self.depth])
 
+    def __getitem__(self, idx: int | slice) -> nn.Module:
+        # A slice is a plain Sequential of those blocks (Sequential's own would call __init__
+        # without depth).
+        if isinstance(idx, slice):
+            return nn.Sequential(OrderedDict(list(self._modules.items())[idx]))
+        return super().__getitem__(idx)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self:
             x = block(x)
