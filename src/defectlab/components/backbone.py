@@ -10,6 +10,7 @@ import math
 import os
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +140,7 @@ class FirstBlocks(nn.Sequential):
         self.depth = depth
 
     def __iter__(self) -> Iterator[nn.Module]:
-        return iter(list(self._modules.values())[: self.depth])
+        return islice(self._modules.values(), self.depth)
 
     def __getitem__(self, idx: int | slice) -> nn.Module:
         # A slice is a plain Sequential of those blocks (Sequential's own would call __init__

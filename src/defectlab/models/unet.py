@@ -127,11 +127,11 @@ class UNet(nn.Module):
             raise ConfigError(f"model.decoder={decoder}: choose one of {DECODERS}")
         if decoder == "patch":
             check_patch_size(patch_size, "model.patch_size")
-        if decoder == "patch" and extractor is None:
-            raise ConfigError(
-                "model.decoder=patch classifies pretrained patch features: set model.extractor "
-                "(a backbone), or model.decoder=unet to train from scratch"
-            )
+            if extractor is None:
+                raise ConfigError(
+                    "model.decoder=patch classifies pretrained patch features: set "
+                    "model.extractor (a backbone), or model.decoder=unet to train from scratch"
+                )
         if feature_noise is not None and extractor is None:
             raise ConfigError(
                 "model.feature_noise perturbs pretrained features: set model.extractor "
