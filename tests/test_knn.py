@@ -1,7 +1,12 @@
 """Nearest-neighbour search: exact search equals a float64 brute force; approximate indexes."""
 
+import concurrent.futures
+import itertools
 import math
+import subprocess
+import sys
 
+import numba
 import pytest
 import torch
 from hypothesis import given, settings
@@ -15,15 +20,20 @@ from defectlab.components.rounding import low_precision_bound
 from defectlab.errors import ConfigError
 
 PRECISIONS = ["float32", "bfloat16"]
-# Both candidate tests of ExactSearch._candidates: all group minima at once, or descending
-# blocks -> super groups (banks above exact_search.DIRECT_SUPERS super minima per chunk).
-CANDIDATE_TESTS = {"direct": 2**62, "descend": 0}
+# Every way pass 2 can run: the torch operations' two candidate tests of
+# ExactSearch._candidates (all group minima at once, or descending blocks -> super groups, for
+# banks above exact_search.DIRECT_SUPERS super minima per chunk), and the compiled CPU kernels
+# (components/search_kernels.py; k > 1 ranks with the torch operations after compiled minima).
+# Each maps to (DIRECT_SUPERS, kernels).
+CANDIDATE_TESTS = {"direct": (2**62, "torch"), "descend": (0, "torch"), "compiled": (0, "compiled")}
 
 
 @pytest.fixture(params=sorted(CANDIDATE_TESTS))
 def candidate_test(request, monkeypatch):
-    monkeypatch.setattr(exact_search, "DIRECT_SUPERS", CANDIDATE_TESTS[request.param])
-    return request.param
+    """The ``kernels`` argument of the case, with DIRECT_SUPERS set for it."""
+    direct, kernels = CANDIDATE_TESTS[request.param]
+    monkeypatch.setattr(exact_search, "DIRECT_SUPERS", direct)
+    return kernels
 
 
 def brute_force(queries: torch.Tensor, bank: torch.Tensor, k: int):
@@ -58,7 +68,7 @@ def test_exact_search_equals_float64_brute_force(precision, k, rows, dim, block,
     g = torch.Generator().manual_seed(rows)
     bank = torch.randn(rows, dim, generator=g) * 2 + 5
     queries = torch.randn(150, dim, generator=g) * 2 + 5
-    search = ExactSearch(bank, precision, block_rows=block, query_rows=64)
+    search = ExactSearch(bank, precision, block_rows=block, query_rows=64, kernels=candidate_test)
     assert_exact(search.search, queries, bank, k)
 
 
@@ -78,8 +88,9 @@ def test_near_ties_below_the_low_precision_error_and_duplicates(precision, k, ca
         rows.append((q.double() + radii[:, None] * directions.double()).float())
     bank = torch.cat(rows)
     bank = torch.cat([bank, bank[:40]])
-    assert_exact(ExactSearch(bank, precision, block_rows=32).search, queries, bank, k)
-    assert_exact(ExactSearch(bank, precision, block_rows=32).search, bank[:40], bank, k)
+    search = ExactSearch(bank, precision, block_rows=32, kernels=candidate_test)
+    assert_exact(search.search, queries, bank, k)
+    assert_exact(search.search, bank[:40], bank, k)
 
 
 @st.composite
@@ -108,9 +119,9 @@ def problems(draw):
 def test_exact_search_property(problem):
     bank, queries, k, block, precision, test = problem
     saved = exact_search.DIRECT_SUPERS
-    exact_search.DIRECT_SUPERS = CANDIDATE_TESTS[test]
+    exact_search.DIRECT_SUPERS, kernels = CANDIDATE_TESTS[test]
     try:
-        search = ExactSearch(bank, precision, block_rows=block, query_rows=5)
+        search = ExactSearch(bank, precision, block_rows=block, query_rows=5, kernels=kernels)
         assert_exact(search.search, queries, bank, k)
     finally:
         exact_search.DIRECT_SUPERS = saved
@@ -126,7 +137,7 @@ def test_minima_of_half_float_bits_with_distances_rounded_below_zero(precision, 
     g = torch.Generator().manual_seed(k)
     bank = torch.randn(700, 24, generator=g) + 40 * torch.randn(700, 1, generator=g)
     queries = torch.cat([bank[::7], bank[3::7] + 1e-3 * torch.randn(100, 24, generator=g)])
-    search = ExactSearch(bank, precision, block_rows=128)
+    search = ExactSearch(bank, precision, block_rows=128, kernels=candidate_test)
     xq, _ = search._low_queries(queries)
     values = (search._low_bank @ xq.T).float()
     assert (values < 0).any() and (values > 0).any()  # the case the keys must handle
@@ -201,11 +212,60 @@ def test_real_elpv_bank_is_searched_exactly():
         emb = emb.reshape(len(images), -1, dim)
         bank, queries = emb[:9].reshape(-1, dim), emb[9:].reshape(-1, dim)
         ref_d, ref_i = brute_force(queries, bank, 9)
-        for precision in PRECISIONS:
-            for k in (1, 9):
-                dist, idx = ExactSearch(bank, precision, block_rows=200).search(queries, k)
-                assert torch.equal(idx, ref_i[:, :k])
-                torch.testing.assert_close(dist, ref_d[:, :k].float(), atol=0, rtol=1e-6)
+        for precision, kernels, k in itertools.product(PRECISIONS, ("compiled", "torch"), (1, 9)):
+            search = ExactSearch(bank, precision, block_rows=200, kernels=kernels)
+            dist, idx = search.search(queries, k)
+            assert torch.equal(idx, ref_i[:, :k])
+            torch.testing.assert_close(dist, ref_d[:, :k].float(), atol=0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_compiled_kernels_split_queries_over_any_thread_count(threads):
+    # The compiled ranking splits a chunk's queries into one range per thread of torch's pool
+    # (numba's pool is set to its width): the result must not depend on the split, including
+    # ranges of one query and more threads than queries in the last chunk (query_rows=7).
+    g = torch.Generator().manual_seed(threads)
+    bank = torch.randn(2049, 40, generator=g).relu()  # many exact zeros, like lite0 features
+    queries = torch.cat([torch.randn(61, 40, generator=g).relu(), bank[:5]])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        search = ExactSearch(bank, "bfloat16", block_rows=256, query_rows=7, kernels="compiled")
+        assert_exact(search.search, queries, bank, 1)
+        assert numba.get_num_threads() == min(threads, numba.config.NUMBA_NUM_THREADS)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_compiled_kernels_leave_torchs_thread_count_alone():
+    # numba's OpenMP pool sets the process's OpenMP thread count to every core when it starts
+    # (once per process, so in a fresh one): torch.set_num_threads(1) must survive a search.
+    code = (
+        "import torch\n"
+        "from defectlab.components.exact_search import ExactSearch\n"
+        "torch.set_num_threads(1)\n"
+        "search = ExactSearch(torch.randn(600, 8), 'bfloat16', kernels='compiled')\n"
+        "search.search(torch.randn(50, 8))\n"
+        "print(torch.get_num_threads())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1"]
+
+
+def test_compiled_kernels_serve_several_threads_at_once():
+    # The inspection app scores requests from several threads; numba's fallback thread pool
+    # aborts the process on concurrent calls, so the kernels run one call at a time.
+    g = torch.Generator().manual_seed(5)
+    bank = torch.randn(3000, 24, generator=g)
+    batches = [torch.randn(200, 24, generator=g) for _ in range(6)]
+    search = ExactSearch(bank, "bfloat16", block_rows=512, kernels="compiled")
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(search.search, batches))
+    for queries, (dist, idx) in zip(batches, results, strict=True):
+        ref_d, ref_i = brute_force(queries, bank, 1)
+        assert torch.equal(idx, ref_i)
+        torch.testing.assert_close(dist, ref_d.float(), atol=0, rtol=1e-6)
 
 
 def test_exact_whatever_the_process_matmul_precision(monkeypatch):
@@ -272,6 +332,10 @@ def test_k_larger_than_bank_and_bad_settings_are_config_errors():
         NearestNeighbors(precision="int8")
     with pytest.raises(ConfigError, match="model.knn.block_rows"):
         NearestNeighbors(block_rows=0)
+    with pytest.raises(ConfigError, match="model.knn.kernels=numba: choose one of"):
+        NearestNeighbors(kernels="numba")
+    with pytest.raises(ValueError, match="kernels=cuda"):
+        ExactSearch(torch.randn(5, 3), kernels="cuda")
     with pytest.raises(ConfigError, match="model.knn.nprobe"):
         NearestNeighbors("ivf", nprobe=0)
     with pytest.raises(ConfigError, match="model.knn.backend=hnsw was removed"):
@@ -312,6 +376,11 @@ def test_exact_search_on_cuda(precision):
     bank = torch.randn(5003, 152, generator=g) + 3
     queries = torch.randn(800, 152, generator=g) + 3
     search = ExactSearch(bank.cuda(), precision, block_rows=1024)
+    assert not search.compiled  # auto: torch operations on CUDA
+    with pytest.raises(ValueError, match="kernels=compiled runs on CPU"):
+        ExactSearch(bank.cuda(), precision, kernels="compiled")
+    with pytest.raises(ConfigError, match="model.knn.kernels=compiled runs on CPU only"):
+        NearestNeighbors(kernels="compiled").fit(bank.cuda()).search(queries.cuda())
     for k in (1, 9):
         dist, idx = search.search(queries.cuda(), k)
         ref_d, ref_i = brute_force(queries, bank, k)

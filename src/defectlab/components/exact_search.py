@@ -15,6 +15,10 @@ The search never holds the full queries x bank distance matrix. It runs in two p
    brute force's: the same indices, and distances rounded from float64.
 
 Ties (equal float64 distances, e.g. duplicate bank rows) go to the lower bank index.
+
+On CPU the group minima and, for k = 1, the candidates and their ranking run as compiled numba
+kernels (``components/search_kernels.py``: fewer passes over memory, no index tensors); torch
+operations do the same work on CUDA, for k > 1, and with ``kernels="torch"``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from defectlab.components import search_kernels
 from defectlab.components.products import (
     LOW_PRECISION,
     default_block_rows,
@@ -37,8 +42,8 @@ from defectlab.components.rounding import TINY, UNIT, fp32_bound, gamma, low_pre
 # Rows per group whose best score (minimum value) pass 1 keeps: the candidates are whole groups, so their
 # number per query is about GROUP_ROWS x (groups near the k-th neighbour). Measured on ELPV
 # lite0 banks (784 queries): the group maxima cost the same for 4 to 32 rows; fewer rows per group
-# leave fewer candidates to measure.
-GROUP_ROWS = 4
+# leave fewer candidates to measure. The compiled kernels are written for it.
+GROUP_ROWS = search_kernels.GROUP_ROWS
 # Row groups per super group: pass 1 also keeps each super group's best, so that choosing
 # candidates reads a query's 20-odd super minima per block, then only the groups of the super
 # groups that reach the threshold, instead of all of a block's groups (each a strided read of the
@@ -71,9 +76,14 @@ class ExactSearch:
             multiple of ``GROUP_ROWS * SUPER_GROUPS``.
         query_rows: queries per chunk (None = as many as keep the group maxima within
             ``GROUP_STATS_BYTES``, at least 256).
+        kernels: ``auto`` (``compiled`` on CPU, ``torch`` on CUDA), ``compiled`` (the numba
+            kernels of :mod:`~defectlab.components.search_kernels` for pass 1's minima and, for
+            k = 1, the candidates and their ranking; CPU only) or ``torch`` (torch operations
+            throughout). Results are the same for all; only speed differs.
     """
 
     PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+    KERNELS = ("auto", "compiled", "torch")
 
     def __init__(
         self,
@@ -81,13 +91,19 @@ class ExactSearch:
         precision: str = "auto",
         block_rows: int | None = None,
         query_rows: int | None = None,
+        kernels: str = "auto",
     ) -> None:
         if precision not in self.PRECISIONS:
             raise ValueError(f"precision={precision}: choose one of {self.PRECISIONS}")
+        if kernels not in self.KERNELS:
+            raise ValueError(f"kernels={kernels}: choose one of {self.KERNELS}")
         self.bank = bank if bank.dtype == torch.float32 else bank.float()
         self.block_rows, self.query_rows = block_rows, query_rows
         dim = self.bank.shape[1]
         device = self.bank.device
+        if kernels == "compiled" and device.type != "cpu":
+            raise ValueError(f"kernels=compiled runs on CPU; the bank is on {device}")
+        self.compiled = kernels == "compiled" or (kernels == "auto" and device.type == "cpu")
         # Row norms in float64, a slice at a time (no float64 copy of the bank).
         norm = torch.cat([_norms64(part) for part in self._slices()])
         # float32 path: ||b||^2 / 2 as the product's bias; no copy of the bank.
@@ -162,16 +178,24 @@ class ExactSearch:
 
     def _search_chunk(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._low_bank is None:
-            return self._rank(queries, *self._candidates(self._pass1_fp32(queries, k), k), k)
+            return self._finish(queries, self._pass1_fp32(queries, k), k)
         low = self._low_queries(queries)
         fits = self._fits(low[1])
         if bool(fits.all()):
-            return self._rank(queries, *self._candidates(self._pass1_low(low, k), k), k)
+            return self._finish(queries, self._pass1_low(low, k), k)
         ids, rest = fits.nonzero()[:, 0], (~fits).nonzero()[:, 0]
         q1, r1 = self._candidates(self._pass1_low((low[0][ids], low[1][ids]), k), k)
         q2, r2 = self._candidates(self._pass1_fp32(queries[rest], k), k)
         query, rows = torch.cat([ids[q1], rest[q2]]), torch.cat([r1, r2])
         return self._rank(queries, query, rows, k)
+
+    def _finish(self, queries: torch.Tensor, p: Pass1, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pass 2 on one chunk: candidates, then their exact ranking."""
+        if self.compiled and k == 1:
+            limit = _value_limit(-self._thresholds(p, k)[1], p.dtype)
+            rho = 2 * gamma(queries.shape[1] + 3)  # float32 distances, as in _rank
+            return search_kernels.nearest(p.minima, p.supers, limit, self.bank, queries, rho)
+        return self._rank(queries, *self._candidates(p, k), k)
 
     def _pass1(self, product, norms, bound, n: int, k: int, dtype: torch.dtype, out_unit: float):
         """Pass 1's values, reduced to group minima: see :class:`Pass1`."""
@@ -196,6 +220,10 @@ class ExactSearch:
         for b in range(blocks):
             start, stop = b * block, min(rows, (b + 1) * block)
             y = _keys(product(start, stop, None if tile is None else tile[: stop - start]))
+            if self.compiled:  # handed the whole tile (one array type), it reads the first rows
+                inf = INF_KEY.get(dtype, math.inf)
+                search_kernels.group_minima(_keys(tile), stop - start, minima[b], supers[b], inf)
+                continue
             whole = (stop - start) // GROUP_ROWS * GROUP_ROWS
             _group_minima(y[:whole], minima[b, : whole // GROUP_ROWS])
             if whole < stop - start:
@@ -269,17 +297,11 @@ class ExactSearch:
 
     # ---- pass 2 ---------------------------------------------------------------------------
 
-    def _candidates(self, p: Pass1, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(query, first row)`` of every row group that can hold one of a query's k nearest.
+    def _thresholds(self, p: Pass1, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each block's top-k scores (float64) and the score threshold ``(blocks, n)`` of its groups.
 
-        Every kept score y_hat (``-v`` of a kept value, :meth:`Pass1.scores`) is within
-        ``error + u' |y_hat|`` of its true value (u' from the output rounding), a monotone band.
-        Each block's top-k group scores (its k smallest group minima of v) belong to distinct
-        rows whose true score is at least ``y_hat - u'|y_hat| - E``: the k-th largest of those,
-        ``lower``, bounds the k-th best true score from below. A row can only be among the k best
-        if ``y_hat + u'|y_hat| + E >= lower``; groups whose maximum fails it are out. The test
-        runs on blocks, then on their super groups, then on the groups of the super groups
-        that pass (a best score that fails it rules out everything under it).
+        See :meth:`_candidates` for why a group whose best score is below it cannot hold one
+        of a query's k nearest rows.
         """
         u = p.out_unit / (1 - p.out_unit)
         top64 = p.scores(p.top)
@@ -297,6 +319,22 @@ class ExactSearch:
         need = lower[None] - p.error  # (blocks, n)
         need = need - 1e-9 * need.abs() - 1e-30
         threshold = torch.where(need >= 0, need / (1 + u), need / (1 - u))
+        return top64, threshold
+
+    def _candidates(self, p: Pass1, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(query, first row)`` of every row group that can hold one of a query's k nearest.
+
+        Every kept score y_hat (``-v`` of a kept value, :meth:`Pass1.scores`) is within
+        ``error + u' |y_hat|`` of its true value (u' from the output rounding), a monotone band.
+        Each block's top-k group scores (its k smallest group minima of v) belong to distinct
+        rows whose true score is at least ``y_hat - u'|y_hat| - E``: the k-th largest of those,
+        ``lower``, bounds the k-th best true score from below. A row can only be among the k best
+        if ``y_hat + u'|y_hat| + E >= lower``; groups whose maximum fails it are out. The test
+        runs on blocks, then on their super groups, then on the groups of the super groups
+        that pass (a best score that fails it rules out everything under it).
+        """
+        top64, threshold = self._thresholds(p, k)
+        n = threshold.shape[1]
         # passing super groups (block * supers + s) -> their passing groups (block * groups + g,
         # the bank's group number: its first row is GROUP_ROWS x it)
         if p.supers.numel() <= DIRECT_SUPERS:

@@ -34,6 +34,8 @@ class NearestNeighbors:
             than float32, once per process), ``float32``, ``bfloat16`` or ``float16``. Speed only.
         block_rows: ``exact``: bank rows per matrix product (None = sized to the L2 caches).
         query_rows: ``exact``: queries per chunk (None = sized to the bank).
+        kernels: ``exact``: ``auto`` (compiled numba kernels on CPU, torch operations on CUDA),
+            ``compiled`` or ``torch``. Speed only.
         nlist: ``ivf`` cells (0 = 4 * sqrt(bank size), faiss's rule of thumb).
         nprobe: ``ivf`` cells searched per query.
         pca_dim: approximate indexes only: search in the bank's top ``pca_dim`` principal
@@ -55,6 +57,7 @@ class NearestNeighbors:
         precision: str = "auto",
         block_rows: int | None = None,
         query_rows: int | None = None,
+        kernels: str = "auto",
         nlist: int = 0,
         nprobe: int = 8,
         pca_dim: int = 0,
@@ -79,6 +82,8 @@ class NearestNeighbors:
             raise ConfigError(
                 f"model.knn.precision={precision}: choose one of {ExactSearch.PRECISIONS}"
             )
+        if kernels not in ExactSearch.KERNELS:
+            raise ConfigError(f"model.knn.kernels={kernels}: choose one of {ExactSearch.KERNELS}")
         for key, value, low in [
             ("nlist", nlist, 0),
             ("nprobe", nprobe, 1),
@@ -96,6 +101,7 @@ class NearestNeighbors:
             )
         self.backend = backend
         self.precision, self.block_rows, self.query_rows = precision, block_rows, query_rows
+        self.kernels = kernels
         self.nlist, self.nprobe = nlist, nprobe
         self.pca_dim, self.refine = pca_dim, refine
         self.traceable = traceable
@@ -167,8 +173,19 @@ class NearestNeighbors:
         if self._index is not None:
             return self._approximate(queries, k)
         if self._exact is None:
-            self._exact = ExactSearch(self._bank, self.precision, self.block_rows, self.query_rows)
+            self._exact = ExactSearch(
+                self._bank, self.precision, self.block_rows, self.query_rows, self._kernels()
+            )
         return self._exact.search(queries, k)
+
+    def _kernels(self) -> str:
+        """The configured kernels; ``compiled`` asked for on a CUDA bank is refused by name."""
+        if self.kernels == "compiled" and self._bank.device.type != "cpu":
+            raise ConfigError(
+                "model.knn.kernels=compiled runs on CPU only; the memory bank is on "
+                f"{self._bank.device}: use model.knn.kernels=auto or torch"
+            )
+        return self.kernels
 
     def _approximate(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         squared, idx = self._index.search(queries.detach().cpu().contiguous().numpy(), k)
@@ -181,7 +198,7 @@ class NearestNeighbors:
         missing = (idx < 0).any(dim=1)  # an IVF probe can hold fewer than k points
         if missing.any():
             if self._exact is None:
-                self._exact = ExactSearch(self._bank, self.precision)
+                self._exact = ExactSearch(self._bank, self.precision, kernels=self._kernels())
             dists[missing], idx[missing] = self._exact.search(queries[missing], k)
         return dists, idx
 
