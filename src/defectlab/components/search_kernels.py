@@ -1,21 +1,23 @@
 """Compiled CPU kernels of the exact search: group minima of a product tile, and k = 1 ranking.
 
 :class:`~defectlab.components.exact_search.ExactSearch` does the same work with torch
-operations on any device; on CPU these numba kernels do it in fewer passes over memory. Measured
-on the ELPV mono banks of the default (24,932 x 40 and 6,233 x 152, 784 queries per image, 2
-threads, same process, results identical; docs/benchmarks/search.md):
+operations on any device; on CPU these numba kernels do it in fewer passes over memory and
+without index tensors. Measured on the ELPV mono banks of the default (24,932 x 40 and
+6,233 x 152, 784 queries per image, 2 threads, results identical; docs/benchmarks/search.md):
 
 - :func:`group_minima`: the minima of each group of 4 rows and of each super group in one read of
   the tile, against three elementwise minima and an ``amin`` that each re-read it (a 2,624 x 784
-  tile: 55 against 99-114 us);
+  tile alone: 48-58 against 99-114 us; inside the search, where the tile comes from the
+  product, both take about 2 ms per image on the fine bank);
 - :func:`nearest`: the candidate groups of each query, their float32 distances, the float64
-  check of those too close to order and the pick, in one pass per query range without building
-  index tensors (1.0 ms on one thread against 1.5-2.5 ms for the torch operations on two).
+  check of those too close to order and the pick, per query range on each thread (inside the
+  search: 1.4-2.0 against 2.8-3.9 ms per image on the fine bank, one process per kind).
 
 Both run on numba's thread pool (here the OpenMP runtime torch uses), as wide as torch's and
-leaving torch's thread count as it was, one call at a time (numba's fallback pool, where OpenMP is missing, aborts on concurrent calls, and
-the inspection app searches from several threads). Compiled on first use and cached on disk
-(``cache=True``: about 5 s once per key type, 0.4 s to load).
+leaving torch's thread count as it was, one call at a time: numba's fallback pool, where OpenMP
+is missing, aborts on concurrent calls, and the inspection app searches from several threads.
+Compiled on first use and cached on disk (``cache=True``: about 5 s once per key type, 0.4 s to
+load).
 """
 
 from __future__ import annotations
