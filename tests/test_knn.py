@@ -238,6 +238,7 @@ def test_compiled_kernels_split_queries_over_any_thread_count(threads):
         torch.set_num_threads(before)
 
 
+@pytest.mark.e2e  # a fresh Python process
 def test_compiled_kernels_leave_torchs_thread_count_alone():
     # numba's OpenMP pool sets the process's OpenMP thread count to every core when it starts
     # (once per process, so in a fresh one): torch.set_num_threads(1) must survive a search.
