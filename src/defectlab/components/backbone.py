@@ -126,7 +126,7 @@ def _offline_error(name: str, arch: str, err: Exception) -> BackboneWeightsError
 
 
 class FirstBlocks(nn.Sequential):
-    """A feature net's ``blocks`` that runs (and iterates) only the first ``depth`` of them.
+    """A feature net's ``blocks`` that iterates, so runs, only the first ``depth`` of them.
 
     timm's EfficientNet and MobileNetV3 ``features_only`` nets run every block, also those after
     the deepest requested stage (lite0 ``blocks.5`` and ``blocks.6`` for ``[blocks.2, blocks.4]``:
@@ -148,11 +148,6 @@ class FirstBlocks(nn.Sequential):
         if isinstance(idx, slice):
             return nn.Sequential(OrderedDict(list(self._modules.items())[idx]))
         return super().__getitem__(idx)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self:
-            x = block(x)
-        return x
 
 
 def _blocks_needed(feature_info: Any) -> int:

@@ -209,21 +209,19 @@ class ExactSearch:
         device = self.bank.device
         key = torch.int16 if dtype in HALF_FLOATS else dtype
         minima = torch.empty(blocks, groups, n, dtype=key, device=device)
-        # padding groups: +inf, never a candidate
-        minima[-1, math.ceil((rows - (blocks - 1) * block) / GROUP_ROWS) :] = INF_KEY.get(
-            dtype, math.inf
-        )
+        inf = INF_KEY.get(dtype, math.inf)
+        minima[-1, math.ceil((rows - (blocks - 1) * block) / GROUP_ROWS) :] = inf  # padding groups
         supers = torch.empty(blocks, groups // SUPER_GROUPS, n, dtype=key, device=device)
         # One output tile, reused: a fresh megabyte-sized tensor per product is a fresh mapping
         # from the OS on CPU (page faults on every block). CUDA's allocator caches its own.
         tile = None if device.type == "cuda" else torch.empty(block, n, dtype=dtype, device=device)
         for b in range(blocks):
             start, stop = b * block, min(rows, (b + 1) * block)
-            y = _keys(product(start, stop, None if tile is None else tile[: stop - start]))
+            y = product(start, stop, None if tile is None else tile[: stop - start])
             if self.compiled:  # handed the whole tile (one array type), it reads the first rows
-                inf = INF_KEY.get(dtype, math.inf)
                 search_kernels.group_minima(_keys(tile), stop - start, minima[b], supers[b], inf)
                 continue
+            y = _keys(y)
             whole = (stop - start) // GROUP_ROWS * GROUP_ROWS
             _group_minima(y[:whole], minima[b, : whole // GROUP_ROWS])
             if whole < stop - start:
