@@ -52,6 +52,41 @@ def test_crop_size_applies_to_images_and_masks(synthetic_root):
     assert batch["image"].shape[-2:] == (64, 64) and batch["mask"].shape[-2:] == (64, 64)
 
 
+def test_brightness_scales_each_image_to_its_mean_and_leaves_masks(synthetic_root):
+    kwargs = {"image_size": 64, "batch_size": 40}
+    plain = AnomalyDataModule(str(synthetic_root), "brick", **kwargs)
+    scaled = AnomalyDataModule(str(synthetic_root), "brick", brightness=0.3, **kwargs)
+    for dm in (plain, scaled):
+        dm.setup()
+    a, b = (next(iter(dm.test_dataloader())) for dm in (plain, scaled))
+    means = b["image"].mean(dim=(1, 2, 3))
+    torch.testing.assert_close(means, torch.full_like(means, 0.3))
+    # one factor per image: its pixels keep their ratios; masks are untouched
+    factor = 0.3 / a["image"].mean(dim=(1, 2, 3))
+    torch.testing.assert_close(b["image"], a["image"] * factor[:, None, None, None])
+    assert torch.equal(a["mask"], b["mask"])
+    assert not torch.allclose(a["image"].mean(dim=(1, 2, 3)), means)  # the set's levels differ
+
+
+def test_brightness_in_exported_graphs_equals_the_transform(synthetic_root):
+    from defectlab.data import build_transform, image_tensor, preprocess_uint8
+    from defectlab.imageio import load_image
+
+    paths = sorted((synthetic_root / "brick" / "test").glob("*/000.png"))
+    raw = [image_tensor(load_image(p)) for p in paths]
+    loaded = torch.stack([build_transform(64, 48, 0.55)(x) for x in raw])
+    graph = preprocess_uint8(torch.stack(raw), 64, 48, brightness=0.55)
+    torch.testing.assert_close(graph, loaded, rtol=1e-6, atol=1e-6)
+    black = preprocess_uint8(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), 8, brightness=0.5)
+    assert torch.equal(black, torch.zeros(1, 3, 8, 8))  # nothing to scale: stays black
+
+
+@pytest.mark.parametrize("bad", [0, -0.5, 1.5, "bright"])
+def test_bad_brightness_names_the_key(synthetic_root, bad):
+    with pytest.raises(ConfigError, match=r"data\.brightness=.*\(0, 1\]"):
+        AnomalyDataModule(str(synthetic_root), "brick", brightness=bad)
+
+
 def test_holdout_split_is_seeded_disjoint_and_never_touches_test(synthetic_root):
     index = scan_category(synthetic_root, "brick")
     fit, val = split_holdout(index.train, 0.25, seed=3)

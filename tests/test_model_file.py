@@ -76,6 +76,7 @@ def test_model_file_holds_tensors_and_metadata_and_reproduces_the_run(run, synth
     assert len(backbone["sha256"]) == 64 and backbone["stored_in_file"] is False
     assert meta["thresholds"]["normalization"] == "threshold"
     assert meta["preprocessing"]["resize"] == [96, 96]
+    assert meta["preprocessing"]["brightness"] is None  # the synthetic set's default
     banks = [prefix] if prefix == "model." else ["model.members.fine.", "model.members.coarse."]
     assert meta["tensors"]["resizable"] == sorted(
         f"{b}{name}" for b in banks for name in ("bank_neighbors", "memory_bank")
@@ -384,3 +385,32 @@ def test_patchcore_pixel_statistics_fit_on_held_out_images_and_travel(
     images = torch.rand(2, 3, 96, 96)
     out = loaded.predict(images)
     assert torch.equal(out.score, out.anomaly_map.flatten(1).amax(1))
+
+
+def test_brightness_of_the_run_is_recorded_and_applied_wherever_the_model_runs(
+    trained_run, synthetic_root, tmp_path
+):
+    from omegaconf import OmegaConf
+
+    from defectlab.data import image_tensor
+    from defectlab.export import DeployModule
+    from defectlab.imageio import load_image
+
+    loaded = load_model(trained_run)
+    config = OmegaConf.to_container(loaded.config)
+    config["data"]["brightness"] = 0.4
+    path = tmp_path / MODEL_FILE
+    save_model(loaded.system, config, path)
+    assert read_metadata(path)["preprocessing"]["brightness"] == 0.4
+
+    paths = sorted((synthetic_root / "brick" / "test").glob("*/000.png"))
+    predictor = Predictor.from_model(path, "cpu")
+    images = torch.stack([predictor.load(p) for p in paths])
+    means = images.mean(dim=(1, 2, 3))
+    torch.testing.assert_close(means, torch.full_like(means, 0.4))
+    plain = torch.stack([Predictor.from_model(trained_run, "cpu").load(p) for p in paths])
+    assert not torch.allclose(plain.mean(dim=(1, 2, 3)), means)  # the old file: as decoded
+    # exported graphs pre-process uint8 frames the same way
+    raw = torch.stack([image_tensor(load_image(p)) for p in paths])
+    graph = DeployModule(predictor).preprocess(raw)
+    torch.testing.assert_close(graph, images, rtol=1e-6, atol=1e-6)

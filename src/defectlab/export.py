@@ -57,6 +57,7 @@ class DeployModule(nn.Module):
         data = predictor.run_config.data
         self.image_size = int(data.image_size)
         self.crop_size = None if data.get("crop_size") is None else int(data.crop_size)
+        self.brightness = None if data.get("brightness") is None else float(data.brightness)
         self.input_size = None if input_size is None else tuple(input_size)
         size = (self.image_size, self.image_size)
         self.resize = None if input_size is None else ExactResize(self.input_size, size)
@@ -73,7 +74,9 @@ class DeployModule(nn.Module):
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """``uint8`` images -> float model input, exactly as ``data.build_transform`` does it."""
-        return preprocess_uint8(images, self.image_size, self.crop_size, self.resize)
+        return preprocess_uint8(
+            images, self.image_size, self.crop_size, self.resize, self.brightness
+        )
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         for owner in self._knn_owners:
@@ -281,6 +284,7 @@ def _sidecar(
                 "resize_mode": "bilinear, antialiased",
                 "crop": cfg.data.get("crop_size"),
                 "scale": "1/255",
+                "brightness": module.brightness,
             },
         },
         "outputs": {

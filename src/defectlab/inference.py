@@ -50,7 +50,10 @@ class Predictor:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         system = loaded.system.to(device).eval()
-        transform = build_transform(cfg.data.image_size, cfg.data.get("crop_size"))
+        # Model files of runs before data.brightness existed have no key: as they were trained.
+        transform = build_transform(
+            cfg.data.image_size, cfg.data.get("crop_size"), cfg.data.get("brightness")
+        )
         # The run's own bad-file limits (decompression-bomb guard) apply to new images too.
         limits = ImageLimits(
             cfg.data.get("min_image_side", ImageLimits.min_side),

@@ -224,6 +224,8 @@ def save_model(
             "resize_mode": "bilinear, antialiased",
             "crop": value("data.crop_size"),
             "scale": "1/255 to [0, 1]; each backbone then applies its own mean/std",
+            # None: as decoded; a value: each image scaled to that mean (data.brightness)
+            "brightness": value("data.brightness"),
         },
         "thresholds": system.calibration.as_dict(),
         "tensors": {

@@ -84,6 +84,8 @@ class AnomalyDataModule(L.LightningDataModule):
         category: the category to load.
         image_size: images are resized to ``image_size x image_size``.
         crop_size: optional centre crop after resizing (MVTec convention: 256 -> 224).
+        brightness: None, or each image (after resizing and cropping) scaled so that its mean
+            value is this grey level in (0, 1]: removes exposure differences between parts.
         val_ratio: fraction of train/good held out for threshold calibration (never fitted on).
         batch_size: images per batch.
         num_workers: DataLoader worker processes.
@@ -110,6 +112,7 @@ class AnomalyDataModule(L.LightningDataModule):
         category: str,
         image_size: int = 224,
         crop_size: int | None = None,
+        brightness: float | None = None,
         val_ratio: float = 0.1,
         batch_size: int = 32,
         num_workers: int = 0,
@@ -144,7 +147,7 @@ class AnomalyDataModule(L.LightningDataModule):
         self.skipped: list[dict[str, str]] = []
         self.root = Path(root)
         self.category = category
-        self.transform = build_transform(image_size, crop_size)
+        self.transform = build_transform(image_size, crop_size, brightness)
         self.val_ratio = val_ratio
         self.batch_size = batch_size
         self.num_workers = num_workers

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -18,8 +20,49 @@ def image_tensor(pil: Image.Image) -> tv_tensors.Image:
     return tv_tensors.Image(torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1))
 
 
-def build_transform(image_size: int, crop_size: int | None) -> v2.Compose:
-    """Resize (and optionally centre-crop) images and masks alike; images become float in [0, 1]."""
+def check_brightness(brightness: float | None) -> None:
+    """``data.brightness`` is None or a mean grey level in (0, 1] (ConfigError otherwise)."""
+    if brightness is not None and not (
+        isinstance(brightness, int | float) and 0 < brightness <= 1
+    ):
+        raise ConfigError(
+            f"data.brightness={brightness}: give a mean grey level in (0, 1], e.g. 0.5, "
+            "or null to keep each image's own brightness"
+        )
+
+
+def scale_brightness(images: torch.Tensor, target: float) -> torch.Tensor:
+    """Images ``(..., C, H, W)`` in [0, 1], each scaled so that its mean value is ``target``.
+
+    One factor per image over all its channels and pixels: colours and contrasts within an image
+    keep their ratios, only its overall level (exposure, the drive current of an EL image)
+    changes. An all-black image stays black.
+    """
+    mean = images.mean(dim=(-3, -2, -1), keepdim=True)
+    return images * (target / mean.clamp_min(1e-6))
+
+
+class MeanBrightness(v2.Transform):
+    """:func:`scale_brightness` on images; masks and other inputs pass unchanged."""
+
+    def __init__(self, target: float) -> None:
+        super().__init__()
+        self.target = target
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not isinstance(inpt, tv_tensors.Image):
+            return inpt
+        return tv_tensors.wrap(scale_brightness(inpt.as_subclass(torch.Tensor), self.target), like=inpt)
+
+
+def build_transform(
+    image_size: int, crop_size: int | None, brightness: float | None = None
+) -> v2.Compose:
+    """Resize (and optionally centre-crop) images and masks alike; images become float in [0, 1].
+
+    ``brightness``: None, or each image scaled to this mean value (:func:`scale_brightness`).
+    """
+    check_brightness(brightness)
     if image_size <= 0:
         raise ConfigError(f"data.image_size must be positive, got {image_size}")
     if crop_size is not None and not 0 < crop_size <= image_size:
@@ -30,6 +73,8 @@ def build_transform(image_size: int, crop_size: int | None) -> v2.Compose:
     if crop_size is not None:
         steps.append(v2.CenterCrop(crop_size))
     steps.append(v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True))
+    if brightness is not None:
+        steps.append(MeanBrightness(float(brightness)))
     return v2.Compose(steps)
 
 
@@ -43,12 +88,14 @@ def preprocess_uint8(
     image_size: int,
     crop_size: int | None = None,
     resize: nn.Module | None = None,
+    brightness: float | None = None,
 ) -> torch.Tensor:
     """``uint8`` images ``(B, 3, H, W)`` -> float model input, as :func:`build_transform` does it.
 
     Plain tensor operations, so it runs inside exported graphs (:class:`defectlab.export.DeployModule`).
     ``resize``: a module that resizes to ``image_size`` (e.g. ``ExactResize``, reproducible in any
     runtime); None = torch's antialiased bilinear kernel on uint8, the one torchvision runs on CPU.
+    ``brightness``: as ``data.brightness`` (:func:`scale_brightness`, after the crop).
     """
     if resize is not None:
         x = resize(images)
@@ -58,4 +105,5 @@ def preprocess_uint8(
     if crop_size is not None:
         top = center_crop_top(image_size, crop_size)
         x = x[..., top : top + crop_size, top : top + crop_size]
-    return x.to(torch.float32).mul_(1.0 / 255)
+    x = x.to(torch.float32).mul_(1.0 / 255)
+    return x if brightness is None else scale_brightness(x, brightness)
