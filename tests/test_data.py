@@ -81,7 +81,7 @@ def test_brightness_in_exported_graphs_equals_the_transform(synthetic_root):
     assert torch.equal(black, torch.zeros(1, 3, 8, 8))  # nothing to scale: stays black
 
 
-@pytest.mark.parametrize("bad", [0, -0.5, 1.5, "bright"])
+@pytest.mark.parametrize("bad", [0, -0.5, 1.5, "bright", True])
 def test_bad_brightness_names_the_key(synthetic_root, bad):
     with pytest.raises(ConfigError, match=r"data\.brightness=.*\(0, 1\]"):
         AnomalyDataModule(str(synthetic_root), "brick", brightness=bad)

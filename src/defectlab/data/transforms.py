@@ -22,9 +22,8 @@ def image_tensor(pil: Image.Image) -> tv_tensors.Image:
 
 def check_brightness(brightness: float | None) -> None:
     """``data.brightness`` is None or a mean grey level in (0, 1] (ConfigError otherwise)."""
-    if brightness is not None and not (
-        isinstance(brightness, int | float) and 0 < brightness <= 1
-    ):
+    number = isinstance(brightness, int | float) and not isinstance(brightness, bool)
+    if brightness is not None and not (number and 0 < brightness <= 1):
         raise ConfigError(
             f"data.brightness={brightness}: give a mean grey level in (0, 1], e.g. 0.5, "
             "or null to keep each image's own brightness"
