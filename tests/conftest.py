@@ -79,6 +79,24 @@ def trained_run(synthetic_root, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def trained_run_bright(trained_run, tmp_path_factory):
+    """A copy of ``trained_run`` whose model file's config sets ``data.brightness=0.4``."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from defectlab.model_file import MODEL_FILE, load_model, save_model
+
+    run = tmp_path_factory.mktemp("run_bright") / "run"
+    shutil.copytree(trained_run, run)
+    loaded = load_model(run)
+    config = OmegaConf.to_container(loaded.config)
+    config["data"]["brightness"] = 0.4
+    save_model(loaded.system, config, run / MODEL_FILE)
+    return run
+
+
+@pytest.fixture(scope="session")
 def trained_run_one_bank(synthetic_root, tmp_path_factory):
     """The same run with one bank and Eq. 7 (``model.scales=one``, ``k`` 9): its own tests."""
     return _train(synthetic_root, tmp_path_factory.mktemp("run_one"), "model.scales=one")

@@ -1,7 +1,5 @@
 """export.py: ONNX and TorchScript files reproduce the trained model, pre-processing included."""
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
@@ -90,18 +88,8 @@ def test_export_matches_the_trained_model(fmt, make_cfg, trained_run, synthetic_
     assert got["score_normalized"].dtype == np.float64 and got["is_defective"].dtype == np.bool_
 
 
-def test_onnx_export_of_a_run_with_brightness_keeps_parity(make_cfg, trained_run, tmp_path):
-    from omegaconf import OmegaConf
-
-    from defectlab.model_file import MODEL_FILE, load_model, save_model
-
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
-    loaded = load_model(run)
-    config = OmegaConf.to_container(loaded.config)
-    config["data"]["brightness"] = 0.4
-    save_model(loaded.system, config, run / MODEL_FILE)
-    sidecar = _export(make_cfg, run, tmp_path / "out", "onnx", "parity_images=4")
+def test_onnx_export_of_a_run_with_brightness_keeps_parity(make_cfg, trained_run_bright, tmp_path):
+    sidecar = _export(make_cfg, trained_run_bright, tmp_path / "out", "onnx", "parity_images=4")
     assert sidecar["input"]["preprocessing"]["brightness"] == 0.4
     assert sidecar["parity"]["images"] == 4 and sidecar["parity"]["verdicts_equal"]
     assert max(sidecar["parity"]["max_rel_diff"].values()) <= 1e-4

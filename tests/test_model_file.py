@@ -388,19 +388,13 @@ def test_patchcore_pixel_statistics_fit_on_held_out_images_and_travel(
 
 
 def test_brightness_of_the_run_is_recorded_and_applied_wherever_the_model_runs(
-    trained_run, synthetic_root, tmp_path
+    trained_run, trained_run_bright, synthetic_root
 ):
-    from omegaconf import OmegaConf
-
     from defectlab.data import image_tensor
     from defectlab.export import DeployModule
     from defectlab.imageio import load_image
 
-    loaded = load_model(trained_run)
-    config = OmegaConf.to_container(loaded.config)
-    config["data"]["brightness"] = 0.4
-    path = tmp_path / MODEL_FILE
-    save_model(loaded.system, config, path)
+    path = trained_run_bright / MODEL_FILE
     assert read_metadata(path)["preprocessing"]["brightness"] == 0.4
 
     paths = sorted((synthetic_root / "brick" / "test").glob("*/000.png"))
