@@ -5,11 +5,16 @@ import timm
 import torch
 from safetensors.torch import save_file
 from skimage import data
+from timm.layers import Conv2dSame
 from torch import nn
 from torchvision.transforms.v2.functional import resize
 
 from defectlab.components import FeatureExtractor, load_backbone_state_dict
-from defectlab.components.backbone import fold_conv_batchnorm
+from defectlab.components.network_rewrites import (
+    SamePaddingConv2d,
+    absorb_same_padding,
+    fold_conv_batchnorm,
+)
 from defectlab.errors import BackboneWeightsError, ConfigError
 
 CAT_CLASSES = range(281, 286)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -45,8 +50,14 @@ def test_feature_extractor_returns_named_layers_frozen_in_eval():
 
 @pytest.mark.parametrize("arch", ["tf_efficientnet_lite0", "mobilenetv3_large_100"])
 def test_blocks_after_the_deepest_layer_are_kept_but_never_run(arch):
-    # Unfolded, so that the hooks see the blocks of `net` itself (the folded copy is tested below).
-    ext = FeatureExtractor(arch, ["blocks.2", "blocks.4"], pretrained=False, fold_batchnorm=False)
+    # No rewritten copy, so that the hooks see the blocks of `net` itself (the copy is tested below).
+    ext = FeatureExtractor(
+        arch,
+        ["blocks.2", "blocks.4"],
+        pretrained=False,
+        fold_batchnorm=False,
+        absorb_same_padding=False,
+    )
     reference = timm.create_model(arch, pretrained=False, features_only=True, out_indices=(2, 3))
     reference.load_state_dict(ext.net.state_dict())  # same keys: nothing was removed
     reference.eval().to(memory_format=torch.channels_last)  # the extractor's layout on CPU
@@ -249,3 +260,45 @@ def test_a_fold_that_moves_features_is_not_used():
         assert ext._folded == (None,)  # the check rejected the copy
         unfolded = net(((x - ext.mean) / ext.std).contiguous(memory_format=torch.channels_last))
         assert torch.equal(out, unfolded[0])
+
+
+@pytest.mark.parametrize("kernel", [1, 3, 4, 5])
+@pytest.mark.parametrize("stride", [1, 2, 3])
+@pytest.mark.parametrize("groups", [1, 6])
+def test_absorbed_same_padding_equals_a_padded_copy(kernel, stride, groups):
+    torch.manual_seed(kernel * 10 + stride)
+    same = Conv2dSame(6, 12, kernel, stride, groups=groups).eval()
+    absorbed = SamePaddingConv2d(same)
+    # Even and odd sizes give even and odd padding totals, rows and columns independently.
+    for h, w in [(16, 16), (17, 17), (16, 17), (15, 22), (1, 2)]:
+        x = torch.randn(2, 6, h, w)
+        with torch.no_grad():
+            want, got = same(x), absorbed(x)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert absorbed.weight is same.weight and absorbed.bias is same.bias  # shared, not copied
+
+
+def test_absorbing_same_padding_keeps_lite0_features_and_leaves_dilated_convolutions():
+    plain = FeatureExtractor(
+        "tf_efficientnet_lite0",
+        ["blocks.2", "blocks.4"],
+        fold_batchnorm=False,
+        absorb_same_padding=False,
+        **LITE0,
+    )
+    absorbed = FeatureExtractor(
+        "tf_efficientnet_lite0", ["blocks.2", "blocks.4"], fold_batchnorm=False, **LITE0
+    )
+    x = torch.rand(2, 3, 72, 72)
+    with torch.inference_mode():
+        assert plain._inference_net(x) is plain.net  # no rewrite asked for: no copy
+        for a, b in zip(absorbed(x), plain(x), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    (copy,) = absorbed._folded
+    kinds = [type(m) for m in copy.modules()]
+    # lite0 up to blocks.4 has four stride-2 "same" convolutions (stem, blocks.1-3), plus blocks.5's
+    assert kinds.count(SamePaddingConv2d) == 5 and Conv2dSame not in kinds
+    assert any(type(m) is Conv2dSame for m in absorbed.net.modules())  # `net` itself is untouched
+    dilated = nn.Sequential(Conv2dSame(3, 3, 3, 1, dilation=2))
+    assert absorb_same_padding(dilated) == 0 and type(dilated[0]) is Conv2dSame
