@@ -279,6 +279,15 @@ def test_absorbed_same_padding_equals_a_padded_copy(kernel, stride, groups):
     assert absorbed.weight is same.weight and absorbed.bias is same.bias  # shared, not copied
 
 
+def test_absorbed_padding_made_under_inference_mode_still_passes_gradients_to_its_input():
+    absorbed = SamePaddingConv2d(Conv2dSame(3, 4, 3, 2).requires_grad_(False))
+    with torch.inference_mode():
+        absorbed(torch.rand(1, 3, 8, 8))  # the widened kernel is made here
+    x = torch.rand(1, 3, 8, 8, requires_grad=True)
+    absorbed(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
 def test_absorbing_same_padding_keeps_lite0_features_and_leaves_dilated_convolutions():
     plain = FeatureExtractor(
         "tf_efficientnet_lite0",

@@ -64,11 +64,11 @@ class SamePaddingConv2d(nn.Conv2d):
     TF's "same" padding puts the odd zero after the input (a 3 x 3, stride-2 convolution of an
     even size pads 0 before and 1 after), which ``nn.Conv2d``'s symmetric padding cannot express,
     so timm pads a copy of every input (``F.pad``: 1.7-1.9 ms per 224 px image for lite0's
-    96 x 113 x 113 one at batch 1 on 2 CPU cores). With one zero tap put before the kernel,
-    ``w' = [0, w]``, output ``i`` reads ``x[s i + t - 1 - p_before]`` for ``t = 1..k``: the
-    same inputs with the same weights, so symmetric padding ``p_after`` gives TF's result (the
-    extra leading zero row meets the zero tap). Frozen weights only: the widened kernels are
-    made once per input-size parity and kept.
+    96 x 113 x 113 one at batch 1 on 2 CPU cores). For an odd total, with one zero tap put
+    before the kernel, ``w' = [0, w]``, and symmetric padding ``p_after = p_before + 1``, output
+    ``i`` reads ``x[s i + t - 1 - p_before]`` with ``w[t - 1]`` for ``t = 1..k``: TF's inputs and
+    weights (the extra leading zero row meets the zero tap). Frozen weights only: the widened
+    kernels are made once per input-size parity and kept.
     """
 
     def __init__(self, conv: Conv2dSame) -> None:
@@ -101,7 +101,10 @@ class SamePaddingConv2d(nn.Conv2d):
         extra = (pad[0] % 2, pad[1] % 2)  # an odd total: one more zero after than before
         kernel = self._kernels.get(extra)
         if kernel is None:
-            kernel = F.pad(self.weight, (extra[1], 0, extra[0], 0))
+            # A normal tensor even on a first call under inference mode: a later call may record
+            # gradients for its input, which saves the kernel.
+            with torch.inference_mode(False), torch.no_grad():
+                kernel = F.pad(self.weight, (extra[1], 0, extra[0], 0))
             self._kernels[extra] = kernel
         padding = (pad[0] - pad[0] // 2, pad[1] - pad[1] // 2)
         return F.conv2d(x, kernel, self.bias, self.stride, padding, 1, self.groups)
