@@ -254,6 +254,37 @@ def test_compiled_kernels_leave_torchs_thread_count_alone():
     assert out.stdout.split() == ["1"]
 
 
+@pytest.mark.e2e  # a fresh Python process
+def test_products_between_compiled_minima_run_on_torchs_thread_count():
+    # Pass 1 holds numba's pool for all its tiles (search_kernels.tile_minima); the pool's start
+    # inside the first tile's minima must not leave the later tiles' products on every core.
+    code = (
+        "import torch\n"
+        "from defectlab.components.exact_search import ExactSearch\n"
+        "seen, addmm = [], torch.addmm\n"
+        "def spy(*args, **kwargs):\n"
+        "    seen.append(torch.get_num_threads())\n"
+        "    return addmm(*args, **kwargs)\n"
+        "torch.addmm = spy\n"
+        "torch.set_num_threads(1)\n"
+        "search = ExactSearch(torch.randn(1000, 8), 'float32', block_rows=256, kernels='compiled')\n"
+        "search.search(torch.randn(50, 8))\n"
+        "print(len(seen), *sorted(set(seen)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["4", "1"]
+
+
+def test_one_search_serves_query_counts_that_change_its_block_size(candidate_test):
+    # block_rows=None sizes the tiles by the query count; the per-block norm maxima kept on the
+    # search object must follow the block size (a stale one has the wrong shape or bound).
+    g = torch.Generator().manual_seed(8)
+    bank = torch.randn(3000, 16, generator=g)
+    search = ExactSearch(bank, "float32", kernels=candidate_test)
+    for n in (1, 2000, 1, 700):
+        assert_exact(search.search, torch.randn(n, 16, generator=g), bank, 1)
+
+
 def test_compiled_kernels_serve_several_threads_at_once():
     # The inspection app scores requests from several threads; numba's fallback thread pool
     # aborts the process on concurrent calls, so the kernels run one call at a time.

@@ -109,6 +109,7 @@ class ExactSearch:
         # float32 path: ||b||^2 / 2 as the product's bias; no copy of the bank.
         self._bias = (norm.square() / 2).float().unsqueeze(1)
         self._norm = norm
+        self._maxima: dict[tuple[bool, int], torch.Tensor] = {}
         if precision == "auto":
             fast = low_precision_is_faster(device.type, dim, torch.get_num_threads())
             precision = (
@@ -215,25 +216,39 @@ class ExactSearch:
         # One output tile, reused: a fresh megabyte-sized tensor per product is a fresh mapping
         # from the OS on CPU (page faults on every block). CUDA's allocator caches its own.
         tile = None if device.type == "cuda" else torch.empty(block, n, dtype=dtype, device=device)
-        for b in range(blocks):
-            start, stop = b * block, min(rows, (b + 1) * block)
-            y = product(start, stop, None if tile is None else tile[: stop - start])
-            if self.compiled:  # handed the whole tile (one array type), it reads the first rows
-                search_kernels.group_minima(_keys(tile), stop - start, minima[b], supers[b], inf)
-                continue
-            y = _keys(y)
-            whole = (stop - start) // GROUP_ROWS * GROUP_ROWS
-            _group_minima(y[:whole], minima[b, : whole // GROUP_ROWS])
-            if whole < stop - start:
-                minima[b, whole // GROUP_ROWS] = y[whole:].amin(0)
-            torch.amin(minima[b].view(-1, SUPER_GROUPS, n), dim=1, out=supers[b])
+        if self.compiled:  # handed the whole tile (one array type), it reads the first rows
+            with search_kernels.tile_minima(_keys(tile), minima, supers, inf) as fill:
+                for b in range(blocks):
+                    start, stop = b * block, min(rows, (b + 1) * block)
+                    product(start, stop, tile[: stop - start])
+                    fill(b, stop - start)
+        else:
+            for b in range(blocks):
+                start, stop = b * block, min(rows, (b + 1) * block)
+                y = _keys(product(start, stop, None if tile is None else tile[: stop - start]))
+                whole = (stop - start) // GROUP_ROWS * GROUP_ROWS
+                _group_minima(y[:whole], minima[b, : whole // GROUP_ROWS])
+                if whole < stop - start:
+                    minima[b, whole // GROUP_ROWS] = y[whole:].amin(0)
+                torch.amin(minima[b].view(-1, SUPER_GROUPS, n), dim=1, out=supers[b])
         # Each block's k smallest group minima, all blocks in one call (k = 1: the supers').
         if k > 1:
             top = minima.topk(min(k, groups), dim=1, largest=False).values
         else:
             top = supers.amin(1, keepdim=True)
-        error = bound(_block_maxima(norms, block))
+        error = bound(self._block_maxima(norms, block))
         return Pass1(minima, supers, top, error, out_unit, dtype)
+
+    def _block_maxima(self, norms: torch.Tensor, block: int) -> torch.Tensor:
+        """:func:`_block_maxima` of the bank's (or the low bank's) norms, kept per block size.
+
+        A property of the bank: computed on every pass it was 0.05-0.1 ms of a 1 % coreset's
+        3.4 ms search per image (cProfile, ELPV mono, batch 1).
+        """
+        key = (norms is self._norm, block)
+        if key not in self._maxima:
+            self._maxima[key] = _block_maxima(norms, block)
+        return self._maxima[key]
 
     def _low_queries(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries as the low-precision product reads them, and upper bounds of their norms."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numba
 import numpy as np
@@ -62,9 +62,37 @@ def group_minima(
     Keys are int16 (half-float bits) or float32; groups past ``rows`` get ``inf`` (in the keys'
     format: the bits of +inf for half floats). CPU tensors, written in place.
     """
-    keys = minima.numpy()
+    with tile_minima(tile, minima[None], supers[None], inf) as fill:
+        fill(0, rows)
+
+
+@contextlib.contextmanager
+def tile_minima(
+    tile: torch.Tensor, minima: torch.Tensor, supers: torch.Tensor, inf: float
+) -> Iterator[Callable[[int, int], None]]:
+    """A pass over product tiles: ``fill(b, rows)`` is :func:`group_minima` of ``tile`` into block b.
+
+    ``minima (blocks, groups, n)`` and ``supers (blocks, supers, n)``; ``tile`` is refilled by
+    the caller between calls. The pool is taken once for the whole pass and the arrays converted
+    once: per call, taking it and converting cost 15-50 us against 50-60 us for a 640 x 784
+    float32 tile's minima, and the default's 10 % ELPV banks take 42 tiles per 224 px image.
+    torch's thread count is put back after each call, so the products in between run as set.
+    """
+    y, keys, tops = tile.numpy(), minima.numpy(), supers.numpy()
+    value = keys.dtype.type(inf)
+    threads = torch.get_num_threads()  # before the pool: its start may change it
+
+    def restore() -> None:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+    def fill(block: int, rows: int) -> None:
+        _tile_minima(y, rows, keys[block], tops[block], value)
+        restore()
+
     with _numba_pool():
-        _tile_minima(tile.numpy(), rows, keys, supers.numpy(), keys.dtype.type(inf))
+        restore()
+        yield fill
 
 
 def nearest(
