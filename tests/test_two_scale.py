@@ -16,6 +16,7 @@ from defectlab.components import (
     NearestNeighbors,
     PatchEmbedder,
     PixelStatistics,
+    RandomSampler,
 )
 from defectlab.errors import ConfigError
 from defectlab.model_file import read_metadata
@@ -106,6 +107,40 @@ def test_two_scales_refuse_settings_they_cannot_honour():
         build_patchcore(ensemble, IdentitySampler(), NearestNeighbors(), scales="two", k=1)
     with pytest.raises(ConfigError, match="model.k=nine"):
         build_patchcore(_extractor(), IdentitySampler(), NearestNeighbors(), k="nine")
+
+
+def test_fine_ratio_sets_the_fine_banks_sampler_alone():
+    model = build_patchcore(
+        _extractor(), RandomSampler(0.5), NearestNeighbors("exact"), scales="two", fine_ratio=0.25
+    )
+    fine, coarse = model.bank_models()
+    assert (fine.sampler.ratio, coarse.sampler.ratio) == (0.25, 0.5)
+    train = torch.rand(3, 3, 64, 64)  # 3 x 16 x 16 fine and 3 x 8 x 8 coarse patches
+    for bank in (fine, coarse):
+        bank.fit(bank.embed(train).reshape(-1, bank.embedder.out_dim))
+    assert (len(fine.memory_bank), len(coarse.memory_bank)) == (192, 96)
+    restored = build_patchcore(
+        _extractor(), RandomSampler(0.5), NearestNeighbors("exact"), scales="two", fine_ratio=0.25
+    )
+    restored.load_state_dict(model.state_dict())
+    test = torch.rand(2, 3, 64, 64)
+    assert torch.equal(restored.predict(test).score, model.predict(test).score)
+
+
+def test_fine_ratio_is_refused_where_it_cannot_apply():
+    for bad in (0, 1.5, True, "half"):
+        with pytest.raises(ConfigError, match=f"model.fine_ratio={bad}: a fraction"):
+            build_patchcore(
+                _extractor(), RandomSampler(0.5), NearestNeighbors(), scales="two", fine_ratio=bad
+            )
+    with pytest.raises(ConfigError, match="sampler=none keeps every row"):
+        _model(fine_ratio=0.5)
+    with pytest.raises(ConfigError, match="one bank per backbone"):
+        build_patchcore(
+            _extractor(), RandomSampler(0.5), NearestNeighbors(), scales="one", fine_ratio=0.5
+        )
+    with pytest.raises(ConfigError, match="one bank per backbone"):  # auto with Eq. 7: one bank
+        build_patchcore(_extractor(), RandomSampler(0.5), NearestNeighbors(), k=9, fine_ratio=0.5)
 
 
 def test_auto_builds_two_scales_where_they_apply_and_one_bank_elsewhere():

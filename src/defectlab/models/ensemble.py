@@ -150,6 +150,8 @@ def build_patchcore(
     and a coarse bank on one backbone) or ``auto``: two where they apply (one backbone, at least
     two layers, ``embedding=native`` without ``dim`` / ``grid_layer``, ``k`` auto or 1), else
     one. ``k`` (in ``kwargs``): ``auto`` = :data:`EQ7_K` for one bank, unused by two.
+    ``fine_ratio`` (in ``kwargs``): the fine bank's sampler ratio with two banks (None = the
+    sampler's); refused with one bank.
     """
     if scales not in SCALES:
         raise ConfigError(f"model.scales={scales}: choose one of {SCALES}")
@@ -159,6 +161,13 @@ def build_patchcore(
     if scales == AUTO:
         applies = k in (AUTO, 1) and why_not_two_scales(extractor, embedding) is None
         scales = "two" if applies else "one"
+    fine_ratio = kwargs.pop("fine_ratio", None)
+    if fine_ratio is not None and scales != "two":
+        raise ConfigError(
+            f"model.fine_ratio={fine_ratio} sets the fine bank of two (model.scales=two), but "
+            "this model has one bank per backbone: set model.fine_ratio=null (sampler.ratio "
+            "sets its bank)"
+        )
     if scales == "two":
         if k not in (AUTO, 1):
             raise ConfigError(
@@ -166,7 +175,9 @@ def build_patchcore(
                 "distance map (Eq. 7 re-weights one bank's nearest row): set model.k=auto or 1, "
                 "or model.scales=one"
             )
-        return TwoScalePatchCore(extractor, sampler, knn, embedding, **kwargs)
+        return TwoScalePatchCore(
+            extractor, sampler, knn, embedding, fine_ratio=fine_ratio, **kwargs
+        )
     kwargs["k"] = EQ7_K if k == AUTO else k
     if isinstance(extractor, FeatureExtractor):
         return PatchCore(extractor, sampler, knn, embedding, **kwargs)

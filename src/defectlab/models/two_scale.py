@@ -33,6 +33,7 @@ from torch import nn
 from defectlab.components import (
     AnomalyMapGenerator,
     FeatureExtractor,
+    IdentitySampler,
     NativeEmbedder,
     NearestNeighbors,
     PixelStatistics,
@@ -87,6 +88,10 @@ class TwoScalePatchCore(PatchScoring, nn.Module):
         patch_neighbors: as :class:`PatchCore`, for both banks.
         pixel_statistics: per-position z-scores of the summed map against held-out good images
             (:meth:`fit_statistics`); the image score is then the z-map's maximum.
+        fine_ratio: the fraction of the fine bank's patches its sampler keeps (None = the
+            sampler's own ratio, as the coarse bank's). The fine bank's search is about four
+            fifths of the default's: 0.05 with a 10 % coarse bank ran ELPV mono's test pass
+            1.4x as fast (docs/methods/patchcore-features.md).
     """
 
     localizes = True
@@ -102,11 +107,13 @@ class TwoScalePatchCore(PatchScoring, nn.Module):
         embed_chunk: int | None = None,
         patch_neighbors: int = 1,
         pixel_statistics: PixelStatistics | None = None,
+        fine_ratio: float | None = None,
     ) -> None:
         super().__init__()
         reason = why_not_two_scales(extractor, embedding)
         if reason is not None:
             raise ConfigError(f"model.scales=two {reason}")
+        samplers = {"fine": _with_ratio(sampler, fine_ratio), "coarse": copy.deepcopy(sampler)}
         layers = len(extractor.channels)
         embedding = embedding or NativeEmbedder
         self.extractor = extractor
@@ -118,7 +125,7 @@ class TwoScalePatchCore(PatchScoring, nn.Module):
         for name, layout in layouts.items():
             member = PatchCore(
                 extractor,
-                copy.deepcopy(sampler),
+                samplers[name],
                 copy.deepcopy(knn),
                 layout,
                 k=1,  # no Eq. 7: the image score is the maximum of the summed map
@@ -196,3 +203,19 @@ class TwoScalePatchCore(PatchScoring, nn.Module):
         """Fine distances ``(B, 1, h, w)`` plus coarse ones ``(B, 1, h', w')`` resized onto them."""
         size = tuple(near.shape[-2:])
         return near + F.interpolate(far, size=size, mode="bilinear", align_corners=False)
+
+
+def _with_ratio(sampler: Sampler, ratio: float | None) -> Sampler:
+    """A copy of ``sampler`` keeping ``ratio`` of the rows (None: its own ratio)."""
+    sampler = copy.deepcopy(sampler)
+    if ratio is None:
+        return sampler
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio <= 1:
+        raise ConfigError(f"model.fine_ratio={ratio}: a fraction in (0, 1], or null")
+    if isinstance(sampler, IdentitySampler):
+        raise ConfigError(
+            f"model.fine_ratio={ratio}: sampler=none keeps every row; use sampler=coreset or "
+            "sampler=random, or model.fine_ratio=null"
+        )
+    sampler.ratio = float(ratio)
+    return sampler
