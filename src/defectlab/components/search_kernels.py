@@ -5,7 +5,7 @@ operations on any device; on CPU these numba kernels do it in fewer passes over 
 without index tensors. Measured on the ELPV mono banks of the default (24,932 x 40 and
 6,233 x 152, 784 queries per image, 2 threads, results identical; docs/benchmarks/search.md):
 
-- :func:`group_minima`: the minima of each group of 4 rows and of each super group in one read of
+- :func:`tile_minima`: the minima of each group of 4 rows and of each super group in one read of
   the tile, against three elementwise minima and an ``amin`` that each re-read it (a 2,624 x 784
   tile alone: 48-58 against 99-114 us; inside the search, where the tile comes from the
   product, both take about 2 ms per image on the fine bank);
@@ -54,29 +54,21 @@ def _numba_pool() -> Iterator[int]:
                 torch.set_num_threads(threads)
 
 
-def group_minima(
-    tile: torch.Tensor, rows: int, minima: torch.Tensor, supers: torch.Tensor, inf: float
-) -> None:
-    """Fill ``minima (groups, n)`` and ``supers`` from the first ``rows`` rows of a key tile.
-
-    Keys are int16 (half-float bits) or float32; groups past ``rows`` get ``inf`` (in the keys'
-    format: the bits of +inf for half floats). CPU tensors, written in place.
-    """
-    with tile_minima(tile, minima[None], supers[None], inf) as fill:
-        fill(0, rows)
-
-
 @contextlib.contextmanager
 def tile_minima(
     tile: torch.Tensor, minima: torch.Tensor, supers: torch.Tensor, inf: float
 ) -> Iterator[Callable[[int, int], None]]:
-    """A pass over product tiles: ``fill(b, rows)`` is :func:`group_minima` of ``tile`` into block b.
+    """A pass over product tiles: ``fill(b, rows)`` fills block b's minima from a key tile.
 
-    ``minima (blocks, groups, n)`` and ``supers (blocks, supers, n)``; ``tile`` is refilled by
-    the caller between calls. The pool is taken once for the whole pass and the arrays converted
-    once: per call, taking it and converting cost 15-50 us against 50-60 us for a 640 x 784
-    float32 tile's minima, and the default's 10 % ELPV banks take 42 tiles per 224 px image.
-    torch's thread count is put back after each call, so the products in between run as set.
+    ``fill(b, rows)`` writes ``minima[b] (groups, n)`` and ``supers[b]`` from the first ``rows``
+    rows of ``tile``, which the caller refills between calls. Keys are int16 (half-float bits) or
+    float32; groups past ``rows`` get ``inf`` (in the keys' format: the bits of +inf for half
+    floats). CPU tensors, written in place.
+
+    The pool is taken once for the whole pass and the arrays converted once: per call, taking it
+    and converting cost 15-50 us against 50-60 us for a 640 x 784 float32 tile's minima, and the
+    default's 10 % ELPV banks take 42 tiles per 224 px image. torch's thread count is put back
+    after each call, so the products in between run as set.
     """
     y, keys, tops = tile.numpy(), minima.numpy(), supers.numpy()
     value = keys.dtype.type(inf)
