@@ -50,8 +50,13 @@ def _numba_pool() -> Iterator[int]:
         try:
             yield numba.get_num_threads()
         finally:
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
+            _restore_torch_threads(threads)
+
+
+def _restore_torch_threads(threads: int) -> None:
+    """Put torch's thread count back to ``threads`` if numba's pool start changed it."""
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 @contextlib.contextmanager
@@ -74,16 +79,12 @@ def tile_minima(
     value = keys.dtype.type(inf)
     threads = torch.get_num_threads()  # before the pool: its start may change it
 
-    def restore() -> None:
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-
     def fill(block: int, rows: int) -> None:
         _tile_minima(y, rows, keys[block], tops[block], value)
-        restore()
+        _restore_torch_threads(threads)
 
     with _numba_pool():
-        restore()
+        _restore_torch_threads(threads)  # before the first tile's product
         yield fill
 
 
